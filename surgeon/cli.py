@@ -1,0 +1,146 @@
+"""``surgeon`` command line: the only place that prints or exits."""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from surgeon.errors import SurgeonError
+
+
+def _quiet() -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    import warnings
+
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning)
+
+
+def friendly(fn):
+    """Turn a ``SurgeonError`` (or a missing file) into one line on stderr and exit status 1."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (SurgeonError, FileNotFoundError, PermissionError) as err:
+            message = " ".join(str(err).split())
+            click.echo(f"surgeon: error: {message}", err=True)
+            sys.exit(1)
+
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="surgeon")
+def main() -> None:
+    """LoRA as compiler passes: capture, inject, train, fold, export."""
+
+
+def lora_options(fn):
+    fn = click.option("-t", "--target", "targets", multiple=True, help="Module name (suffix) to adapt; repeat. Default: the model family's usual ones.")(fn)
+    fn = click.option("-r", "--rank", default=8, show_default=True, type=int, help="LoRA rank r.")(fn)
+    fn = click.option("--alpha", default=16.0, show_default=True, type=float, help="lora_alpha (scale = alpha / r).")(fn)
+    fn = click.option("--dropout", default=0.0, show_default=True, type=float, help="lora_dropout.")(fn)
+    fn = click.option("--all-linear", is_flag=True, help="Target every linear layer but the output layer.")(fn)
+    return fn
+
+
+def _config(targets, rank, alpha, dropout, all_linear, base_name):
+    from surgeon.config import LoraConfig, TaskType
+
+    target_modules = "all-linear" if all_linear else (list(targets) or None)
+    return LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules,
+                      task_type=TaskType.CAUSAL_LM, base_model_name_or_path=base_name)
+
+
+def _targets_table(found) -> str:
+    rows = [("module", "kind", "in", "out", "r", "alpha", "status")]
+    rows += [(t.path, t.kind, str(t.in_features), str(t.out_features), str(t.r), f"{t.alpha:g}", "LoRA") for t in found.targets]
+    rows += [(s.path, s.kind, str(s.in_features), str(s.out_features), "-", "-", f"skipped: {s.reason}") for s in found.skipped]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
+
+
+def _base_name(model: str) -> str:
+    from surgeon.hub import BUILTIN
+
+    return model if model in BUILTIN else str(Path(model).resolve())
+
+
+@main.command()
+@click.argument("model")
+@lora_options
+@click.option("--dry-run", is_flag=True, help="Print the target table and the parameter count; write nothing.")
+@click.option("-o", "--output", type=click.Path(file_okay=False), help="Write the initialised adapter here.")
+@friendly
+def inject(model, targets, rank, alpha, dropout, all_linear, dry_run, output):
+    """Show where LoRA goes in MODEL (a directory or built-in name) and write the initial adapter."""
+    _quiet()
+    from surgeon.hub import load_model
+    from surgeon.match import match
+    from surgeon.model import get_peft_model, trainable_parameters_line
+
+    base = load_model(model)
+    config = _config(targets, rank, alpha, dropout, all_linear, _base_name(model))
+    peft_model = get_peft_model(base, config)
+    found = match(next(iter(peft_model._graphs.values())), config)
+    click.echo(_targets_table(found))
+    click.echo(trainable_parameters_line(*peft_model.get_nb_trainable_parameters()))
+    if output and not dry_run:
+        peft_model.save_pretrained(output)
+        click.echo(f"wrote adapter to {output}")
+
+
+@main.command()
+@click.argument("model", required=False, default=None)
+@click.option("--data", type=click.Path(dir_okay=False), help="UTF-8 text to fine-tune on. Default: the bundled text.")
+@click.option("--heldout", type=click.Path(dir_okay=False), help="Held-out text for the before/after loss. Default: bundled, or the last 10% of --data.")
+@lora_options
+@click.option("--steps", default=150, show_default=True, type=int)
+@click.option("--lr", default=2e-3, show_default=True, type=float)
+@click.option("--batch-size", default=8, show_default=True, type=int)
+@click.option("--seq-len", default=128, show_default=True, type=int)
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("-o", "--output", default="runs/adapter", show_default=True, type=click.Path(file_okay=False))
+@friendly
+def train(model, data, heldout, targets, rank, alpha, dropout, all_linear, steps, lr, batch_size, seq_len, seed, output):
+    """Fine-tune a LoRA adapter on MODEL (default: the embedded tiny GPT-2) and write it."""
+    _quiet()
+    import torch
+
+    from surgeon.hub import DEFAULT_DATA, DEFAULT_HELDOUT, DEFAULT_MODEL, load_model, load_tokenizer
+    from surgeon.model import get_peft_model
+    from surgeon.train import TrainSettings, token_blocks
+    from surgeon.train import train as run
+
+    model = model or DEFAULT_MODEL
+    settings = TrainSettings(steps=steps, lr=lr, batch_size=batch_size, seq_len=seq_len, seed=seed)
+    tokenizer = load_tokenizer(model)
+    blocks = token_blocks(tokenizer, Path(data) if data else DEFAULT_DATA, seq_len)
+    if heldout or not data:
+        eval_blocks = token_blocks(tokenizer, Path(heldout) if heldout else DEFAULT_HELDOUT, seq_len)
+    else:
+        cut = max(1, len(blocks) // 10)
+        blocks, eval_blocks = blocks[:-cut], blocks[-cut:]
+    torch.manual_seed(seed)
+    peft_model = get_peft_model(load_model(model), _config(targets, rank, alpha, dropout, all_linear, _base_name(model)))
+    peft_model.print_trainable_parameters()
+    click.echo(f"data: {len(blocks)} training blocks, {len(eval_blocks)} held-out blocks of {seq_len} tokens")
+    result = run(peft_model, blocks, eval_blocks, settings)
+    before, after = result["heldout_loss_before"], result["heldout_loss_after"]
+    click.echo(f"held-out loss: {before:.4f} -> {after:.4f} ({100 * (after - before) / before:+.1f}%)")
+    peft_model.save_pretrained(output)
+    click.echo(f"wrote adapter to {output}")
+
+
+if __name__ == "__main__":
+    main()

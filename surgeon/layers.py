@@ -1,0 +1,111 @@
+"""The modules an injected graph calls: one ``LoraLayer`` per target, holding every adapter.
+
+A graph node ``y = linear(x, W, b)`` becomes ``z = call_module(lora_layer, (x, y))`` with
+``z = y + sum over active adapters of scale * B(A(dropout(x)))``. Keeping adapters in a module
+(rather than baking them into nodes) lets several adapters share one graph and lets
+``set_adapter`` / ``disable_adapter`` switch them without re-capturing.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+
+class LoraAdapter(nn.Module):
+    """One adapter at one site: ``lora_A`` [r, in], ``lora_B`` [out, r] (PEFT's Linear layout)."""
+
+    def __init__(self, kind: str, in_features: int, out_features: int, r: int, scale: float,
+                 dropout: float = 0.0, init: bool | str = True, dtype=None, device=None):
+        super().__init__()
+        self.kind, self.r, self.scale = kind, r, float(scale)
+        self.lora_A = nn.Parameter(torch.empty(r, in_features, dtype=dtype, device=device))
+        self.lora_B = nn.Parameter(torch.empty(out_features, r, dtype=dtype, device=device))
+        self.dropout = nn.Dropout(dropout) if dropout > 0 and kind != "embedding" else nn.Identity()
+        self.reset(init)
+
+    @torch.no_grad()
+    def reset(self, init: bool | str = True) -> None:
+        """PEFT's initialisation: Linear A Kaiming-uniform / B zero; embedding A zero / B normal."""
+        if self.kind == "embedding":
+            if init is False:
+                nn.init.normal_(self.lora_A)
+            else:
+                nn.init.zeros_(self.lora_A)
+            nn.init.normal_(self.lora_B)
+            return
+        if init == "gaussian":
+            nn.init.normal_(self.lora_A, std=1 / self.r)
+        else:
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        if init is False:
+            nn.init.kaiming_uniform_(self.lora_B, a=math.sqrt(5))
+        else:
+            nn.init.zeros_(self.lora_B)
+
+    def delta(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "embedding":
+            return F.embedding(x, self.lora_A.t()) @ self.lora_B.t() * self.scale
+        x = self.dropout(x.to(self.lora_A.dtype))
+        return (x @ self.lora_A.t()) @ self.lora_B.t() * self.scale
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind}, r={self.r}, scale={self.scale:g}"
+
+
+class LoraLayer(nn.Module):
+    """Every adapter of one target module; ``forward(x, base_out)`` adds the active ones."""
+
+    def __init__(self, path: str, kind: str, in_features: int, out_features: int):
+        super().__init__()
+        self.path, self.kind = path, kind
+        self.in_features, self.out_features = in_features, out_features
+        self.adapters = nn.ModuleDict()
+        self.active: tuple[str, ...] = ()
+        self.enabled = True
+
+    def forward(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return base_out
+        out = base_out
+        for name in self.active:
+            adapter = self.adapters[name] if name in self.adapters else None
+            if adapter is not None:
+                out = out + adapter.delta(x).to(base_out.dtype)
+        return out
+
+    def extra_repr(self) -> str:
+        return f"{self.path}: {self.kind} {self.in_features}->{self.out_features}, active={list(self.active)}"
+
+
+class SavedTensor(nn.Module):
+    """A trainable copy per adapter of one parameter of a ``modules_to_save`` module.
+
+    The graph calls it with no arguments; it returns the active adapter's copy, or the
+    original tensor when no adapter with a copy is active or adapters are disabled.
+    """
+
+    def __init__(self, path: str, original: torch.Tensor):
+        super().__init__()
+        self.path = path
+        self._original = [original]  # a list, so the base parameter is not registered twice
+        self.copies = nn.ParameterDict()
+        self.active: tuple[str, ...] = ()
+        self.enabled = True
+
+    @property
+    def original(self) -> torch.Tensor:
+        return self._original[0]
+
+    def add(self, name: str) -> None:
+        self.copies[name] = nn.Parameter(self.original.detach().clone(), requires_grad=True)
+
+    def forward(self) -> torch.Tensor:
+        if self.enabled:
+            for name in self.active:
+                if name in self.copies:
+                    return self.copies[name]
+        return self.original

@@ -1,0 +1,279 @@
+"""``SurgeonModel``: PEFT's ``PeftModel`` surface over captured, injected graphs.
+
+The eager model keeps its parameters (frozen); every call signature gets its own captured
+graph (made lazily, cached) and all graphs share the same adapter modules. The loss is
+computed outside the graph with the base model's own ``loss_function`` so that ``Trainer``'s
+``num_items_in_batch`` and gradient accumulation behave exactly as with PEFT.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+from surgeon.adapters import peft_keys, peft_saved_key, write_adapter_dir
+from surgeon.capture import accepts, capture, signature_of
+from surgeon.config import LoraConfig
+from surgeon.errors import AdapterError, did_you_mean
+from surgeon.layers import LoraLayer, SavedTensor
+from surgeon.match import match
+from surgeon.passes.lora import inject_lora
+
+# transformers loss types whose loss we compute outside the graph, and how to call them.
+_LOSS_CALLS = {
+    "ForCausalLM": lambda fn, out, labels, cfg, n: fn(logits=out.logits, labels=labels, vocab_size=cfg.vocab_size, num_items_in_batch=n),
+    "ForSequenceClassification": lambda fn, out, labels, cfg, n: fn(labels=labels, pooled_logits=out.logits, config=cfg),
+    "ForTokenClassification": lambda fn, out, labels, cfg, n: fn(logits=out.logits, labels=labels, config=cfg),
+}
+
+
+class _Base(nn.Module):
+    """Holds the transformers model so parameter names read ``base_model.model.<path>`` as in PEFT."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+
+class SurgeonModel(nn.Module):
+    """A base model with LoRA adapters, used like ``peft.PeftModel``."""
+
+    def __init__(self, model: nn.Module, config: LoraConfig, adapter_name: str = "default"):
+        super().__init__()
+        self.base_model = _Base(model)
+        self.adapter_modules = nn.Module()  # surgeon_lora.* and surgeon_saved.*, shared by every graph
+        self.peft_config: dict[str, LoraConfig] = {}
+        self.active_adapter = adapter_name
+        self._graphs: dict[tuple, fx.GraphModule] = {}
+        for p in model.parameters():
+            p.requires_grad_(False)
+        self._add(adapter_name, config)
+
+    # ---- adapters ----------------------------------------------------------------------
+    def _add(self, name: str, config: LoraConfig) -> None:
+        if name in self.peft_config:
+            raise AdapterError(f"an adapter named {name!r} exists already; adapters: {sorted(self.peft_config)}")
+        graphs = self._graphs or {None: capture(self.base)}
+        for sig, graph in list(graphs.items()):
+            graphs[sig] = inject_lora(graph, config, name, reuse=self._registry())
+            self._adopt(graphs[sig])
+        self._graphs = {(k if k is not None else graphs[k].meta["surgeon"].signature): g for k, g in graphs.items()}
+        self.peft_config[name] = config
+        self._set_bias_trainable(config)
+        self._set_active(self.active_adapter)
+
+    def _registry(self) -> dict[str, nn.Module]:
+        return {n: m for n, m in self.adapter_modules.named_modules() if isinstance(m, (LoraLayer, SavedTensor))}
+
+    def _adopt(self, graph: fx.GraphModule) -> None:
+        for name, module in graph.named_modules():
+            if isinstance(module, (LoraLayer, SavedTensor)) and name not in self._registry():
+                _set_nested(self.adapter_modules, name, module)
+
+    def _set_bias_trainable(self, config: LoraConfig) -> None:
+        if config.bias == "none":
+            return
+        targets = {t.path for t in match(next(iter(self._graphs.values())), config).targets}
+        for name, p in self.base.named_parameters():
+            owner = name.rsplit(".", 1)[0]
+            if name.endswith("bias") and (config.bias == "all" or owner in targets):
+                p.requires_grad_(True)
+
+    def _set_active(self, name: str) -> None:
+        for module in self._registry().values():
+            module.active = (name,)
+        self.active_adapter = name
+
+    def set_adapter(self, adapter_name: str) -> None:
+        if adapter_name not in self.peft_config:
+            raise AdapterError(f"no adapter named {adapter_name!r}{did_you_mean(adapter_name, self.peft_config)}; "
+                               f"adapters: {sorted(self.peft_config)}")
+        self._set_active(adapter_name)
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return [self.active_adapter]
+
+    @contextlib.contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """Inside the block the model computes the base model's outputs."""
+        modules = list(self._registry().values())
+        for m in modules:
+            m.enabled = False
+        try:
+            yield
+        finally:
+            for m in modules:
+                m.enabled = True
+
+    # ---- forward ----------------------------------------------------------------------
+    @property
+    def base(self) -> nn.Module:
+        return self.base_model.model
+
+    def get_base_model(self) -> nn.Module:
+        return self.base
+
+    def graph_for(self, **call: Any) -> fx.GraphModule:
+        """The injected graph for this call signature (captured on first use)."""
+        sig = signature_of(call)
+        if sig not in self._graphs:
+            graph = capture(self.base, call)
+            for name, config in self.peft_config.items():
+                graph = inject_lora(graph, config, name, reuse=self._registry())
+            self._adopt(graph)
+            graph.train(self.training)
+            self._graphs[sig] = graph
+        return self._graphs[sig]
+
+    def forward(self, input_ids=None, attention_mask=None, labels=None, num_items_in_batch=None, **kwargs):
+        call = {"input_ids": input_ids, "attention_mask": attention_mask, **kwargs}
+        call.pop("return_dict", None)
+        call = {k: v for k, v in call.items() if v is not None}
+        if "use_cache" not in call and "past_key_values" not in call and accepts(self.base, "use_cache"):
+            call["use_cache"] = False
+        loss_call = _LOSS_CALLS.get(_loss_kind(self.base))
+        if labels is not None and loss_call is None:
+            call["labels"] = labels  # unknown head: let the model compute its own loss in the graph
+        out = self.graph_for(**call)(**call)
+        if labels is not None and loss_call is not None:
+            loss = loss_call(self.base.loss_function, out, labels, self.base.config, num_items_in_batch)
+            out = type(out)(loss=loss, **{k: v for k, v in out.items() if k != "loss"})
+        return out
+
+    @property
+    def accepts_loss_kwargs(self) -> bool:
+        """Trainer reads this; we answer as it would for the base model (it unwraps PEFT models too)."""
+        import inspect
+
+        if hasattr(self.base, "accepts_loss_kwargs"):
+            return bool(self.base.accepts_loss_kwargs)
+        params = inspect.signature(self.base.forward).parameters.values()
+        return any(p.kind == inspect.Parameter.VAR_KEYWORD for p in params)
+
+    def generate(self, *args, **kwargs):
+        raise NotImplementedError(
+            "SurgeonModel.generate with unmerged adapters is not available yet; "
+            "merge the adapter into a copy of the base to generate"
+        )
+
+    # ---- modes and devices ------------------------------------------------------------
+    def train(self, mode: bool = True) -> SurgeonModel:
+        super().train(mode)
+        for graph in self._graphs.values():
+            graph.train(mode)
+        return self
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        for graph in self._graphs.values():
+            graph._apply(fn, recurse)  # idempotent for shared tensors; moves graph-only constants
+        return self
+
+    # ---- parameters and state -----------------------------------------------------------
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        trainable = total = 0
+        for _, p in self.named_parameters():
+            total += p.numel()
+            trainable += p.numel() if p.requires_grad else 0
+        return trainable, total
+
+    def print_trainable_parameters(self) -> None:
+        """Prints PEFT's line, e.g. ``trainable params: 294,912 || all params: 124,734,720 || trainable%: 0.2364``."""
+        print(trainable_parameters_line(*self.get_nb_trainable_parameters()))
+
+    def adapter_state_dict(self, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
+        """One adapter's tensors under PEFT's keys (what ``adapter_model.safetensors`` holds)."""
+        name = adapter_name or self.active_adapter
+        config = self.peft_config[name]
+        out: dict[str, torch.Tensor] = {}
+        for module in self._registry().values():
+            if isinstance(module, LoraLayer) and name in module.adapters:
+                key_a, key_b = peft_keys(module.path, module.kind)
+                out[key_a], out[key_b] = module.adapters[name].lora_A, module.adapters[name].lora_B
+            elif isinstance(module, SavedTensor) and name in module.copies:
+                out[peft_saved_key(module.path)] = module.copies[name]
+        if config.bias != "none":
+            targets = {m.path for m in self._registry().values() if isinstance(m, LoraLayer)}
+            for pname, p in self.base.named_parameters():
+                if pname.endswith("bias") and (config.bias == "all" or pname.rsplit(".", 1)[0] in targets):
+                    out[peft_saved_key(pname)] = p
+        return out
+
+    def state_dict(self, *args, **kwargs) -> dict[str, torch.Tensor]:
+        """What training changes: the active adapter under PEFT's keys (the base stays in its own files).
+
+        ``Trainer.save_model`` writes this as ``model.safetensors``; use ``save_pretrained`` for an
+        adapter directory PEFT reads.
+        """
+        keep_vars = kwargs.get("keep_vars", False)
+        return {k: (v if keep_vars else v.detach()) for k, v in self.adapter_state_dict().items()}
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        own = self.adapter_state_dict()
+        missing = sorted(set(own) - set(state_dict))
+        unexpected = sorted(set(state_dict) - set(own))
+        if strict and (missing or unexpected):
+            raise AdapterError(f"state dict does not fit adapter {self.active_adapter!r}: "
+                               f"missing keys {missing[:10]}, unexpected keys {unexpected[:10]}")
+        with torch.no_grad():
+            for key in set(own) & set(state_dict):
+                own[key].copy_(state_dict[key])
+        return nn.modules.module._IncompatibleKeys(missing, unexpected)
+
+    def save_pretrained(self, save_directory: str, selected_adapters: list[str] | None = None, **_: Any) -> None:
+        """Write each adapter in PEFT's format: ``default`` in the directory, others in subdirectories."""
+        from pathlib import Path
+
+        for name in selected_adapters or list(self.peft_config):
+            config = self.peft_config[name]
+            if config.base_model_name_or_path is None:
+                config = config.replace(base_model_name_or_path=getattr(self.base.config, "_name_or_path", None) or None)
+            config = config.replace(inference_mode=True)
+            target = Path(save_directory) if name == "default" else Path(save_directory) / name
+            write_adapter_dir(target, config, self.adapter_state_dict(name))
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name in ("base_model", "adapter_modules", "_graphs"):
+                raise
+            return getattr(self.base_model.model, name)
+
+
+def _loss_kind(model: nn.Module) -> str:
+    """The key of ``model.loss_function`` in transformers' loss table ('' when it has none)."""
+    try:
+        from transformers.loss.loss_utils import LOSS_MAPPING
+
+        fn = model.loss_function
+    except (ImportError, AttributeError):
+        return ""
+    return next((k for k, v in LOSS_MAPPING.items() if v is fn), "")
+
+
+def trainable_parameters_line(trainable: int, total: int) -> str:
+    return f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"
+
+
+def _set_nested(root: nn.Module, dotted: str, module: nn.Module) -> None:
+    owner = root
+    *parents, leaf = dotted.split(".")
+    for part in parents:
+        if not hasattr(owner, part):
+            owner.add_module(part, nn.Module())
+        owner = getattr(owner, part)
+    owner.add_module(leaf, module)
+
+
+def get_peft_model(model: nn.Module, peft_config: LoraConfig, adapter_name: str = "default", **_: Any) -> SurgeonModel:
+    """Capture ``model``, inject ``peft_config``'s LoRA, freeze everything else (PEFT's entry point)."""
+    if not isinstance(peft_config, LoraConfig):
+        raise AdapterError(f"get_peft_model takes a surgeon.LoraConfig, got {type(peft_config).__name__}; "
+                           "build one with surgeon.LoraConfig(...) (same fields as peft.LoraConfig)")
+    return SurgeonModel(model, peft_config, adapter_name)

@@ -1,0 +1,76 @@
+"""A plain training loop for ``surgeon train``: text file -> token blocks -> LoRA steps -> adapter."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+from pathlib import Path
+
+import torch
+
+from surgeon.errors import DataError
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSettings:
+    steps: int = 150
+    lr: float = 2e-3
+    batch_size: int = 8
+    seq_len: int = 128
+    seed: int = 0
+    eval_blocks: int = 32
+
+
+def token_blocks(tokenizer, path: Path, seq_len: int) -> torch.Tensor:
+    """The file's tokens cut into ``[n, seq_len]`` blocks (the tail shorter than a block is dropped)."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such data file; give a UTF-8 text file with --data") from None
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+    ids = tokenizer(text, return_attention_mask=False)["input_ids"]
+    n = len(ids) // seq_len
+    if n < 2:
+        raise DataError(f"{path}: {len(ids)} tokens make fewer than 2 blocks of {seq_len}; give more text or a smaller --seq-len")
+    return torch.tensor(ids[: n * seq_len]).view(n, seq_len)
+
+
+@torch.no_grad()
+def mean_loss(model, blocks: torch.Tensor, batch_size: int) -> float:
+    was = model.training
+    model.eval()
+    total = 0.0
+    for i in range(0, len(blocks), batch_size):
+        batch = blocks[i:i + batch_size]
+        total += model(input_ids=batch, labels=batch).loss.item() * len(batch)
+    model.train(was)
+    return total / len(blocks)
+
+
+def train(model, train_blocks: torch.Tensor, eval_blocks: torch.Tensor, settings: TrainSettings, *, progress: bool = True) -> dict:
+    """AdamW with linear decay on ``model``'s trainable parameters; returns losses before and after."""
+    from tqdm.auto import tqdm
+
+    torch.manual_seed(settings.seed)
+    rng = random.Random(settings.seed)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1 - s / max(settings.steps, 1))
+    before = mean_loss(model, eval_blocks, settings.batch_size)
+    model.train()
+    bar = tqdm(range(settings.steps), desc="train", disable=not progress, unit="step")
+    for _ in bar:
+        rows = [rng.randrange(len(train_blocks)) for _ in range(settings.batch_size)]
+        batch = train_blocks[rows]
+        loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+        if not math.isfinite(loss.item()):
+            raise DataError(f"training diverged (loss={loss.item()}); try a smaller --lr")
+    after = mean_loss(model, eval_blocks, settings.batch_size)
+    return {"heldout_loss_before": before, "heldout_loss_after": after}

@@ -1,0 +1,77 @@
+"""Shared tiny models: real transformers architectures from small configs, seeded random init."""
+
+from __future__ import annotations
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import pytest
+import torch
+import transformers
+
+transformers.logging.set_verbosity_error()
+
+V = 96  # vocabulary of every tiny model
+COMMON = dict(vocab_size=V, num_hidden_layers=2, num_attention_heads=4, hidden_size=32, intermediate_size=64,
+              max_position_embeddings=64)
+
+
+def _gpt2():
+    return transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=V, n_layer=2, n_head=4, n_embd=32, n_positions=64,
+                                                                bos_token_id=0, eos_token_id=0))
+
+
+def _llama():
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(num_key_value_heads=2, bos_token_id=0, eos_token_id=1, **COMMON))
+
+
+def _qwen2():
+    return transformers.Qwen2ForCausalLM(transformers.Qwen2Config(num_key_value_heads=2, bos_token_id=0, eos_token_id=1, **COMMON))
+
+
+def _opt():
+    c = dict(COMMON)
+    c["ffn_dim"] = c.pop("intermediate_size")
+    return transformers.OPTForCausalLM(transformers.OPTConfig(word_embed_proj_dim=32, pad_token_id=1, bos_token_id=0, eos_token_id=2, **c))
+
+
+def _phi3():
+    return transformers.Phi3ForCausalLM(transformers.Phi3Config(num_key_value_heads=4, pad_token_id=0, bos_token_id=1, eos_token_id=2, **COMMON))
+
+
+def _bert():
+    return transformers.BertForSequenceClassification(transformers.BertConfig(num_labels=3, pad_token_id=0, **COMMON))
+
+
+# name -> (factory, target_modules, task_type)
+ARCHS = {
+    "gpt2": (_gpt2, ["c_attn", "c_proj"], "CAUSAL_LM"),
+    "llama": (_llama, ["q_proj", "v_proj", "down_proj"], "CAUSAL_LM"),
+    "qwen2": (_qwen2, ["q_proj", "k_proj", "o_proj"], "CAUSAL_LM"),
+    "opt": (_opt, ["q_proj", "v_proj", "fc1"], "CAUSAL_LM"),
+    "phi3": (_phi3, ["qkv_proj", "gate_up_proj"], "CAUSAL_LM"),
+    "bert": (_bert, ["query", "value"], "SEQ_CLS"),
+}
+
+
+def make_base(name: str, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return ARCHS[name][0]()
+
+
+def batch(name: str, b: int = 2, s: int = 9, seed: int = 1, pad_left: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, V, (b, s), generator=g)
+    mask = torch.ones(b, s, dtype=torch.long)
+    if pad_left:
+        mask[0, :pad_left] = 0
+    out = {"input_ids": ids, "attention_mask": mask}
+    out["labels"] = torch.randint(0, 3, (b,), generator=g) if ARCHS[name][2] == "SEQ_CLS" else ids.clone()
+    return out
+
+
+@pytest.fixture(scope="session")
+def tmp_session(tmp_path_factory):
+    return tmp_path_factory.mktemp("session")
