@@ -79,3 +79,65 @@ def write_adapter_dir(directory: str | os.PathLike, config: LoraConfig, tensors:
     atomic_write_bytes(directory / WEIGHTS_NAME, blob)
     atomic_write_bytes(directory / CONFIG_NAME, (json.dumps(config.to_peft_dict(), indent=2, sort_keys=True) + "\n").encode())
     return directory
+
+
+def read_adapter_dir(directory: str | os.PathLike) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
+    """Read a PEFT adapter directory (safetensors only). Every problem names the file and the fix."""
+    from surgeon.errors import AdapterFileError, ConfigError
+
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise AdapterFileError(f"{directory}: no such adapter directory (expected {CONFIG_NAME} and {WEIGHTS_NAME} inside)")
+    config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
+    if not config_path.is_file():
+        raise AdapterFileError(f"{config_path}: missing; an adapter directory holds {CONFIG_NAME} and {WEIGHTS_NAME}")
+    try:
+        data = json.loads(config_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise AdapterFileError(f"{config_path}: not valid JSON ({err})") from None
+    if not isinstance(data, dict) or "peft_type" not in data:
+        raise AdapterFileError(f"{config_path}: no 'peft_type' field; is this a PEFT adapter_config.json?")
+    try:
+        config = LoraConfig.from_peft_dict(data, source=str(config_path))
+    except ConfigError:
+        raise
+    if not weights_path.is_file():
+        if (directory / "adapter_model.bin").is_file():
+            raise AdapterFileError(
+                f"{directory}: only adapter_model.bin (a pickle) is there; surgeon loads safetensors only. Convert it once "
+                "where you trust the file: `PeftModel.from_pretrained(base, dir).save_pretrained(dir, safe_serialization=True)`"
+            )
+        raise AdapterFileError(f"{weights_path}: missing")
+    return config, read_weights(weights_path)
+
+
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    from surgeon.errors import AdapterFileError
+
+    try:
+        return load(Path(path).read_bytes())
+    except (SafetensorError, ValueError, RuntimeError) as err:
+        raise AdapterFileError(f"{path}: not a readable safetensors file ({err}); it may be truncated or corrupt") from None
+
+
+def check_tensors(expected: Mapping[str, tuple[int, ...]], found: Mapping[str, torch.Tensor], source: str) -> None:
+    """Same key set and shapes, or one error listing every missing key, unexpected key and shape mismatch."""
+    from surgeon.errors import AdapterError
+
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    shapes = sorted(f"{k}: file {tuple(found[k].shape)} vs model {tuple(expected[k])}"
+                    for k in set(expected) & set(found) if tuple(found[k].shape) != tuple(expected[k]))
+    if not (missing or unexpected or shapes):
+        return
+    parts = []
+    if shapes:
+        parts.append(f"{len(shapes)} shape mismatches (an adapter for another base model?): " + "; ".join(shapes))
+    if missing:
+        parts.append(f"{len(missing)} missing keys: " + ", ".join(missing))
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected keys: " + ", ".join(unexpected))
+    raise AdapterError(f"{source} does not fit this model: " + " | ".join(parts))

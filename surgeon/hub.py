@@ -41,8 +41,10 @@ def load_model(name: str, *, task: str | None = None) -> nn.Module:
     config = json.loads((path / "config.json").read_text())
     archs = config.get("architectures") or []
     cls = getattr(transformers, archs[0], None) if archs else None
-    if task == "SEQ_CLS":
-        cls = transformers.AutoModelForSequenceClassification
+    autos = {"SEQ_CLS": transformers.AutoModelForSequenceClassification, "CAUSAL_LM": transformers.AutoModelForCausalLM,
+             "TOKEN_CLS": transformers.AutoModelForTokenClassification}
+    if task in autos and not (cls is not None and cls.__name__.endswith(autos[task].__name__[len("AutoModel"):])):
+        cls = autos[task]
     if cls is None:
         cls = transformers.AutoModelForCausalLM
     return cls.from_pretrained(path, use_safetensors=True, dtype="float32")

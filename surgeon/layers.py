@@ -21,7 +21,9 @@ class LoraAdapter(nn.Module):
     def __init__(self, kind: str, in_features: int, out_features: int, r: int, scale: float,
                  dropout: float = 0.0, init: bool | str = True, dtype=None, device=None):
         super().__init__()
-        self.kind, self.r, self.scale = kind, r, float(scale)
+        self.kind, self.r = kind, r
+        # A tensor, not a float: swapping in an adapter with another alpha/r then recompiles nothing.
+        self.register_buffer("scaling", torch.tensor(float(scale), dtype=torch.float32, device=device), persistent=False)
         self.lora_A = nn.Parameter(torch.empty(r, in_features, dtype=dtype, device=device))
         self.lora_B = nn.Parameter(torch.empty(out_features, r, dtype=dtype, device=device))
         self.dropout = nn.Dropout(dropout) if dropout > 0 and kind != "embedding" else nn.Identity()
@@ -48,9 +50,35 @@ class LoraAdapter(nn.Module):
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind == "embedding":
-            return F.embedding(x, self.lora_A.t()) @ self.lora_B.t() * self.scale
+            return F.embedding(x, self.lora_A.t()) @ self.lora_B.t() * self.scaling
         x = self.dropout(x.to(self.lora_A.dtype))
-        return (x @ self.lora_A.t()) @ self.lora_B.t() * self.scale
+        return (x @ self.lora_A.t()) @ self.lora_B.t() * self.scaling
+
+    @property
+    def scale(self) -> float:
+        return float(self.scaling)
+
+    @torch.no_grad()
+    def pad_to(self, rank: int) -> None:
+        """Grow A and B to ``rank`` with zero rows/columns (same output), for hotswapping."""
+        extra = rank - self.lora_A.shape[0]
+        if extra <= 0:
+            return
+        a = torch.cat([self.lora_A, self.lora_A.new_zeros(extra, self.lora_A.shape[1])])
+        b = torch.cat([self.lora_B, self.lora_B.new_zeros(self.lora_B.shape[0], extra)], dim=1)
+        self.lora_A = nn.Parameter(a, requires_grad=self.lora_A.requires_grad)
+        self.lora_B = nn.Parameter(b, requires_grad=self.lora_B.requires_grad)
+
+    @torch.no_grad()
+    def swap_in(self, a: torch.Tensor, b: torch.Tensor, scale: float) -> None:
+        """Copy another adapter's A [r, in], B [out, r] into this one's storage (r <= capacity)."""
+        r = a.shape[0]
+        self.lora_A.zero_()
+        self.lora_B.zero_()
+        self.lora_A[:r].copy_(a)
+        self.lora_B[:, :r].copy_(b)
+        self.scaling.fill_(scale)
+        self.r = r
 
     def extra_repr(self) -> str:
         return f"kind={self.kind}, r={self.r}, scale={self.scale:g}"

@@ -15,12 +15,12 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from surgeon.adapters import peft_keys, peft_saved_key, write_adapter_dir
 from surgeon.capture import accepts, capture, signature_of
 from surgeon.config import LoraConfig
 from surgeon.errors import AdapterError, did_you_mean
 from surgeon.layers import LoraLayer, SavedTensor
 from surgeon.match import match
+from surgeon.model_io import AdapterIO
 from surgeon.passes.lora import inject_lora
 
 # transformers loss types whose loss we compute outside the graph, and how to call them.
@@ -39,22 +39,43 @@ class _Base(nn.Module):
         self.model = model
 
 
-class SurgeonModel(nn.Module):
+class SurgeonModel(AdapterIO, nn.Module):
     """A base model with LoRA adapters, used like ``peft.PeftModel``."""
 
-    def __init__(self, model: nn.Module, config: LoraConfig, adapter_name: str = "default"):
+    def __init__(self, model: nn.Module, config: LoraConfig, adapter_name: str = "default", *, is_trainable: bool = True):
         super().__init__()
         self.base_model = _Base(model)
         self.adapter_modules = nn.Module()  # surgeon_lora.* and surgeon_saved.*, shared by every graph
         self.peft_config: dict[str, LoraConfig] = {}
         self.active_adapter = adapter_name
+        self._trainable: dict[str, bool] = {}
         self._graphs: dict[tuple, fx.GraphModule] = {}
         for p in model.parameters():
             p.requires_grad_(False)
-        self._add(adapter_name, config)
+        self._add(adapter_name, config, trainable=is_trainable)
 
     # ---- adapters ----------------------------------------------------------------------
-    def _add(self, name: str, config: LoraConfig) -> None:
+    def add_adapter(self, adapter_name: str, peft_config: LoraConfig) -> None:
+        """Add a new adapter (freshly initialised); the active adapter stays active."""
+        self._add(adapter_name, peft_config)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        self._known(adapter_name)
+        for module in self._registry().values():
+            store = module.adapters if isinstance(module, LoraLayer) else module.copies
+            if adapter_name in store:
+                del store[adapter_name]
+        del self.peft_config[adapter_name]
+        self._trainable.pop(adapter_name, None)
+        if self.active_adapter == adapter_name and self.peft_config:
+            self._set_active(next(iter(self.peft_config)))
+
+    def _known(self, name: str) -> None:
+        if name not in self.peft_config:
+            raise AdapterError(f"no adapter named {name!r}{did_you_mean(name, self.peft_config)}; "
+                               f"adapters: {sorted(self.peft_config)}")
+
+    def _add(self, name: str, config: LoraConfig, *, trainable: bool = True) -> None:
         if name in self.peft_config:
             raise AdapterError(f"an adapter named {name!r} exists already; adapters: {sorted(self.peft_config)}")
         graphs = self._graphs or {None: capture(self.base)}
@@ -63,8 +84,10 @@ class SurgeonModel(nn.Module):
             self._adopt(graphs[sig])
         self._graphs = {(k if k is not None else graphs[k].meta["surgeon"].signature): g for k, g in graphs.items()}
         self.peft_config[name] = config
-        self._set_bias_trainable(config)
-        self._set_active(self.active_adapter)
+        self._trainable[name] = trainable
+        if trainable:
+            self._set_bias_trainable(config)
+        self._set_active(self.active_adapter if self.active_adapter in self.peft_config else name)
 
     def _registry(self) -> dict[str, nn.Module]:
         return {n: m for n, m in self.adapter_modules.named_modules() if isinstance(m, (LoraLayer, SavedTensor))}
@@ -84,14 +107,20 @@ class SurgeonModel(nn.Module):
                 p.requires_grad_(True)
 
     def _set_active(self, name: str) -> None:
+        """Activate ``name`` everywhere; only its tensors train (if it was loaded trainable)."""
+        train = self._trainable.get(name, True)
         for module in self._registry().values():
             module.active = (name,)
+            if isinstance(module, LoraLayer):
+                for other, adapter in module.adapters.items():
+                    adapter.requires_grad_(train and other == name)
+            else:
+                for other, tensor in module.copies.items():
+                    tensor.requires_grad_(train and other == name)
         self.active_adapter = name
 
     def set_adapter(self, adapter_name: str) -> None:
-        if adapter_name not in self.peft_config:
-            raise AdapterError(f"no adapter named {adapter_name!r}{did_you_mean(adapter_name, self.peft_config)}; "
-                               f"adapters: {sorted(self.peft_config)}")
+        self._known(adapter_name)
         self._set_active(adapter_name)
 
     @property
@@ -185,57 +214,6 @@ class SurgeonModel(nn.Module):
     def print_trainable_parameters(self) -> None:
         """Prints PEFT's line, e.g. ``trainable params: 294,912 || all params: 124,734,720 || trainable%: 0.2364``."""
         print(trainable_parameters_line(*self.get_nb_trainable_parameters()))
-
-    def adapter_state_dict(self, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
-        """One adapter's tensors under PEFT's keys (what ``adapter_model.safetensors`` holds)."""
-        name = adapter_name or self.active_adapter
-        config = self.peft_config[name]
-        out: dict[str, torch.Tensor] = {}
-        for module in self._registry().values():
-            if isinstance(module, LoraLayer) and name in module.adapters:
-                key_a, key_b = peft_keys(module.path, module.kind)
-                out[key_a], out[key_b] = module.adapters[name].lora_A, module.adapters[name].lora_B
-            elif isinstance(module, SavedTensor) and name in module.copies:
-                out[peft_saved_key(module.path)] = module.copies[name]
-        if config.bias != "none":
-            targets = {m.path for m in self._registry().values() if isinstance(m, LoraLayer)}
-            for pname, p in self.base.named_parameters():
-                if pname.endswith("bias") and (config.bias == "all" or pname.rsplit(".", 1)[0] in targets):
-                    out[peft_saved_key(pname)] = p
-        return out
-
-    def state_dict(self, *args, **kwargs) -> dict[str, torch.Tensor]:
-        """What training changes: the active adapter under PEFT's keys (the base stays in its own files).
-
-        ``Trainer.save_model`` writes this as ``model.safetensors``; use ``save_pretrained`` for an
-        adapter directory PEFT reads.
-        """
-        keep_vars = kwargs.get("keep_vars", False)
-        return {k: (v if keep_vars else v.detach()) for k, v in self.adapter_state_dict().items()}
-
-    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        own = self.adapter_state_dict()
-        missing = sorted(set(own) - set(state_dict))
-        unexpected = sorted(set(state_dict) - set(own))
-        if strict and (missing or unexpected):
-            raise AdapterError(f"state dict does not fit adapter {self.active_adapter!r}: "
-                               f"missing keys {missing[:10]}, unexpected keys {unexpected[:10]}")
-        with torch.no_grad():
-            for key in set(own) & set(state_dict):
-                own[key].copy_(state_dict[key])
-        return nn.modules.module._IncompatibleKeys(missing, unexpected)
-
-    def save_pretrained(self, save_directory: str, selected_adapters: list[str] | None = None, **_: Any) -> None:
-        """Write each adapter in PEFT's format: ``default`` in the directory, others in subdirectories."""
-        from pathlib import Path
-
-        for name in selected_adapters or list(self.peft_config):
-            config = self.peft_config[name]
-            if config.base_model_name_or_path is None:
-                config = config.replace(base_model_name_or_path=getattr(self.base.config, "_name_or_path", None) or None)
-            config = config.replace(inference_mode=True)
-            target = Path(save_directory) if name == "default" else Path(save_directory) / name
-            write_adapter_dir(target, config, self.adapter_state_dict(name))
 
     def __getattr__(self, name: str):
         try:

@@ -1,0 +1,36 @@
+"""``AutoPeftModel*``: load the base named in ``adapter_config.json``, then the adapter."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from surgeon.adapters import read_adapter_dir
+from surgeon.errors import AdapterFileError
+
+
+class AutoPeftModel:
+    """``from_pretrained(adapter_dir)``: base from ``base_model_name_or_path`` (a local directory or built-in name)."""
+
+    task: str | None = None
+
+    @classmethod
+    def from_pretrained(cls, adapter_dir: str, adapter_name: str = "default", is_trainable: bool = False, **_: Any):
+        from surgeon.hub import load_model
+        from surgeon.model import SurgeonModel
+
+        config, _tensors = read_adapter_dir(adapter_dir)
+        base_name = config.base_model_name_or_path
+        if not base_name:
+            raise AdapterFileError(f"{Path(adapter_dir) / 'adapter_config.json'}: base_model_name_or_path is empty; "
+                                   "load the base yourself and call PeftModel.from_pretrained(base, dir)")
+        base = load_model(base_name, task=cls.task or (config.task_type.value if config.task_type else None))
+        return SurgeonModel.from_pretrained(base, adapter_dir, adapter_name=adapter_name, is_trainable=is_trainable)
+
+
+class AutoPeftModelForCausalLM(AutoPeftModel):
+    task = "CAUSAL_LM"
+
+
+class AutoPeftModelForSequenceClassification(AutoPeftModel):
+    task = "SEQ_CLS"

@@ -1,0 +1,179 @@
+"""python tools/bench/bench_train.py
+
+Prints the machine line (cores, torch / transformers / peft versions), the workload, then a
+table with one row per model x tool: inject seconds (surgeon: cold capture / warm capture
+cache), median train-step seconds, peak RSS MB, RSS growth after the base model was built, and
+the first loss; under each model the surgeon/PEFT ratios next to the goals (step time <= 0.9x
+PEFT, peak memory <= 0.9x PEFT, inject <= 1 s on a warm capture cache). Progress goes to stderr.
+About 10 minutes on 2 cores; ``--quick`` (tiny configs, a few steps) takes under a minute.
+
+Training benchmark of surgeon against PEFT on CPU, fp32: a GPT-2-small-sized model (GPT2Config
+defaults, 124.4M params, LoRA on c_attn) and a Llama at the same scale (hidden 768, 12 layers,
+12 heads, MLP 2048, vocab 32000, 134.1M params, LoRA on q_proj and v_proj), both random-init and
+seeded, LoRA r=8 alpha=16, batch 4 x seq 128, AdamW lr 1e-4, labels = input_ids. Each model x
+tool runs in its own subprocess (``--worker TOOL --model NAME``, which prints one JSON line), so
+peak RSS is one tool's. Both use ``torch.set_num_threads(cores)``.
+
+Options: ``--models gpt2,llama``, ``--warmup 3``, ``--steps 10``, ``--batch 4``, ``--seq 128``,
+``--repeat K`` (K alternating runs per tool; the table keeps the run with the fastest median
+step, which is the least disturbed by other load), ``--json PATH`` (all worker results),
+``--quick``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import importlib
+import json
+import sys
+from pathlib import Path
+
+import harness as h
+
+TOOLS = ("surgeon", "peft")
+GOAL_STEP, GOAL_MEM, GOAL_INJECT_S = 0.9, 0.9, 1.0
+
+
+# ---- worker: one tool, one model, in this process ------------------------------------------
+def inject(tool: str, base, name: str):
+    """The tool's ``get_peft_model`` (its package is imported already, outside the timing)."""
+    lib = sys.modules[tool]
+    return lib.get_peft_model(base, lib.LoraConfig(task_type="CAUSAL_LM", **h.lora_kwargs(name)))
+
+
+def warm_inject_s(name: str, quick: bool) -> float:
+    """surgeon.get_peft_model on a model whose capture is cached already (``surgeon.capture`` first)."""
+    import surgeon
+
+    base = h.build_base(name, quick)
+    surgeon.capture(base)
+    _, seconds = h.timed(lambda: inject("surgeon", base, name))
+    return seconds
+
+
+def worker(args: argparse.Namespace) -> int:
+    import torch
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    torch.set_num_threads(args.threads)
+    tool, name = args.worker, args.model
+    importlib.import_module(tool)
+    label = f"[{tool} {name}]"
+    h.progress(f"{label} building the base model")
+    base = h.build_base(name, args.quick)
+    n_params = sum(p.numel() for p in base.parameters())
+    rss_base = h.rss_now_mb()
+    model, inject_s = h.timed(lambda: inject(tool, base, name))
+    h.progress(f"{label} injected in {inject_s:.2f} s")
+    model.train()
+    batch = h.make_batch(base.config.vocab_size, args.batch, args.seq)
+    times, losses = h.train_steps(model, batch, args.warmup, args.steps, label)
+    peak = h.peak_rss_mb()
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    result = {
+        "tool": tool, "model": name, "params": n_params, "trainable": trainable, "threads": torch.get_num_threads(),
+        "inject_s": inject_s, "step_s": h.median(times), "steps_s": times, "losses": losses,
+        "peak_rss_mb": peak, "rss_base_mb": rss_base, "rss_growth_mb": peak - rss_base,
+    }
+    if tool == "surgeon":
+        del model, base
+        gc.collect()
+        result["inject_warm_s"] = warm_inject_s(name, args.quick)
+        h.progress(f"{label} warm inject {result['inject_warm_s']:.2f} s")
+    h.emit(result)
+    return 0
+
+
+# ---- parent: spawn workers, print the table -----------------------------------------------
+def worker_args(args: argparse.Namespace, tool: str, name: str) -> list[str]:
+    out = ["--worker", tool, "--model", name, "--warmup", str(args.warmup), "--steps", str(args.steps),
+           "--batch", str(args.batch), "--seq", str(args.seq), "--threads", str(args.threads)]
+    return out + (["--quick"] if args.quick else [])
+
+
+def best(runs: list[dict]) -> dict:
+    return min(runs, key=lambda r: r["step_s"])
+
+
+def verdict(ok: bool) -> str:
+    return "met" if ok else "MISSED"
+
+
+def print_table(args: argparse.Namespace, results: dict[tuple[str, str], list[dict]], models: list[str],
+                machine: str) -> None:
+    print(machine + " (at start)")
+    print(f"workload: fp32 CPU, batch {args.batch} x seq {args.seq}, LoRA r={h.LORA['r']} alpha={h.LORA['lora_alpha']} "
+          f"dropout={h.LORA['lora_dropout']}, AdamW lr {h.LR}, median of {args.steps} steps after {args.warmup} "
+          f"warm-up, {args.repeat} run(s) per tool{' [--quick: tiny configs]' if args.quick else ''}")
+    head = f"{'model':<22} {'tool':<8} {'inject s (cold/warm)':>20} {'step s':>8} {'peak RSS MB':>12} {'RSS growth MB':>14} {'loss0':>8}"
+    print(head)
+    print("-" * len(head))
+    for name in models:
+        rows = {tool: best(results[(name, tool)]) for tool in TOOLS}
+        for tool in TOOLS:
+            r = rows[tool]
+            inj = f"{r['inject_s']:.2f}" + (f" / {r['inject_warm_s']:.2f}" if "inject_warm_s" in r else "")
+            model = f"{name} ({r['params'] / 1e6:.1f}M)"
+            print(f"{model:<22} {tool:<8} {inj:>20} {r['step_s']:>8.2f} {r['peak_rss_mb']:>12.0f} "
+                  f"{r['rss_growth_mb']:>14.0f} {r['losses'][0]:>8.4f}")
+        s, p = rows["surgeon"], rows["peft"]
+        step_ratio, mem_ratio = s["step_s"] / p["step_s"], s["peak_rss_mb"] / p["peak_rss_mb"]
+        growth_ratio = s["rss_growth_mb"] / max(p["rss_growth_mb"], 1e-9)
+        print(f"{'':<22} surgeon/peft: step {step_ratio:.2f}x (goal <= {GOAL_STEP}x: {verdict(step_ratio <= GOAL_STEP)}), "
+              f"peak RSS {mem_ratio:.2f}x (goal <= {GOAL_MEM}x: {verdict(mem_ratio <= GOAL_MEM)}; "
+              f"growth {growth_ratio:.2f}x), warm inject {s['inject_warm_s']:.2f} s "
+              f"(goal <= {GOAL_INJECT_S:g} s: {verdict(s['inject_warm_s'] <= GOAL_INJECT_S)})")
+
+
+def parent(args: argparse.Namespace) -> int:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    unknown = [m for m in models if m not in h.MODELS]
+    if unknown:
+        print(f"bench_train: error: --models: unknown {unknown}; choose from {sorted(h.MODELS)}", file=sys.stderr)
+        return 1
+    machine = h.machine_line()
+    results: dict[tuple[str, str], list[dict]] = {(m, t): [] for m in models for t in TOOLS}
+    for name in models:
+        for k in range(args.repeat):
+            for tool in (TOOLS if k % 2 == 0 else TOOLS[::-1]):  # alternate who goes first
+                h.progress(f"== {name} / {tool} (run {k + 1}/{args.repeat})")
+                results[(name, tool)].append(h.run_worker(__file__, worker_args(args, tool, name)))
+    print_table(args, results, models, machine)
+    if args.json:
+        Path(args.json).write_text(json.dumps([r for runs in results.values() for r in runs], indent=1))
+    return 0
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description="Training benchmark: surgeon vs PEFT on CPU (see the module docstring).")
+    ap.add_argument("--models", default="gpt2,llama", help="comma-separated, from: " + ", ".join(h.MODELS))
+    ap.add_argument("--warmup", type=int, help="untimed steps first (default 3; --quick 1)")
+    ap.add_argument("--steps", type=int, help="timed steps (default 10; --quick 2)")
+    ap.add_argument("--batch", type=int, help="default 4; --quick 2")
+    ap.add_argument("--seq", type=int, help="default 128; --quick 16")
+    ap.add_argument("--threads", type=int, default=h.threads(), help="torch.set_num_threads for both tools (default: cores)")
+    ap.add_argument("--repeat", type=int, default=1)
+    ap.add_argument("--json", default=None, help="write every worker's result to this file")
+    ap.add_argument("--quick", action="store_true", help="tiny configs, batch 2 x seq 16, 1 warm-up + 2 steps")
+    ap.add_argument("--worker", choices=TOOLS, help=argparse.SUPPRESS)
+    ap.add_argument("--model", choices=sorted(h.MODELS), help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    defaults = {"warmup": 1, "steps": 2, "batch": 2, "seq": 16} if args.quick else {"warmup": 3, "steps": 10, "batch": 4, "seq": 128}
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    return worker(args) if args.worker else parent(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,177 @@
+"""python tools/bench/harness.py
+
+Prints the machine line and, per benchmark model, its size, e.g.
+``gpt2: GPT2LMHeadModel 124.4M params, LoRA on c_attn``.
+
+Shared by the benchmarks in tools/bench/: the seeded random-init models (built from configs,
+nothing downloaded), the LoRA recipe, the timed training loop, memory readings, and running one
+measurement in its own subprocess so that peak RSS belongs to one tool.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+SEED = 0
+LORA = {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0}
+LR = 1e-4
+
+# name -> (transformers config class, full-size kwargs, --quick kwargs, LoRA targets)
+MODELS: dict[str, tuple[str, dict, dict, list[str]]] = {
+    # GPT2Config defaults: 12 layers, 768 wide, 12 heads, vocab 50257, 1024 positions (124.4M)
+    "gpt2": ("GPT2Config", {}, {"n_layer": 2, "n_embd": 64, "n_head": 2, "vocab_size": 1000, "n_positions": 64},
+             ["c_attn"]),
+    # Llama at GPT-2-small scale: 768 wide, 12 layers, 12 heads, MLP 2048, vocab 32000, untied head (134.1M)
+    "llama": ("LlamaConfig",
+              {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "num_key_value_heads": 12,
+               "intermediate_size": 2048, "vocab_size": 32000, "max_position_embeddings": 2048},
+              {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 2,
+               "intermediate_size": 128, "vocab_size": 1000, "max_position_embeddings": 64},
+              ["q_proj", "v_proj"]),
+}
+
+
+def threads() -> int:
+    """The cores this process may run on (what both tools get via torch.set_num_threads)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
+def machine_line() -> str:
+    import torch
+    import transformers
+
+    try:
+        import peft
+        peft_version = peft.__version__
+    except ImportError:
+        peft_version = "not installed"
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    return (f"machine: {threads()} cores ({cpu_name()}), load average {load}; torch {torch.__version__} "
+            f"({torch.get_num_threads()} threads), transformers {transformers.__version__}, peft {peft_version}, "
+            f"Python {platform.python_version()}")
+
+
+def build_base(name: str, quick: bool = False):
+    """The seeded random-init causal LM for ``name`` in train mode (dropouts as in its config)."""
+    import torch
+    import transformers
+
+    cls_name, full, tiny, _ = MODELS[name]
+    config = getattr(transformers, cls_name)(**(tiny if quick else full))
+    torch.manual_seed(SEED)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    return model.train()
+
+
+def lora_kwargs(name: str) -> dict[str, Any]:
+    """Fields shared by ``surgeon.LoraConfig`` and ``peft.LoraConfig``."""
+    return {**LORA, "target_modules": list(MODELS[name][3])}
+
+
+def make_batch(vocab: int, batch: int, seq: int) -> dict[str, Any]:
+    """A fixed seeded batch as a tokenizer / Trainer would give it; labels = input_ids."""
+    import torch
+
+    g = torch.Generator().manual_seed(SEED + 1)
+    ids = torch.randint(0, vocab, (batch, seq), generator=g)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+
+
+def rss_now_mb() -> float:
+    """Resident set size of this process now."""
+    with open("/proc/self/statm") as f:
+        pages = int(f.read().split()[1])
+    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process so far (ru_maxrss is in KiB on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def train_steps(model, batch: dict, warmup: int, steps: int, label: str = "") -> tuple[list[float], list[float]]:
+    """AdamW on the trainable parameters; returns (seconds of each timed step, every loss).
+
+    A step is forward + loss + backward + ``optimizer.step()`` + ``zero_grad()``.
+    """
+    import torch
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=LR)
+    torch.manual_seed(SEED + 2)  # same dropout masks for every tool
+    times, losses = [], []
+    for i in range(warmup + steps):
+        t0 = time.perf_counter()
+        loss = model(**batch).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        dt = time.perf_counter() - t0
+        losses.append(loss.item())
+        if i >= warmup:
+            times.append(dt)
+        phase = "warm-up" if i < warmup else "step"
+        n = i + 1 if i < warmup else i - warmup + 1
+        progress(f"{label} {phase} {n}/{warmup if i < warmup else steps}: {dt:.2f} s, loss {losses[-1]:.4f}")
+    return times, losses
+
+
+def progress(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
+    t0 = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - t0
+
+
+def median(xs: Sequence[float]) -> float:
+    return statistics.median(xs) if xs else float("nan")
+
+
+def emit(result: dict[str, Any]) -> None:
+    """A worker's answer: one JSON line on stdout (progress goes to stderr)."""
+    print(json.dumps(result), flush=True)
+
+
+def run_worker(script: str, args: Sequence[str]) -> dict[str, Any]:
+    """Run ``python script args...`` in a fresh process; return the last JSON line it printed."""
+    proc = subprocess.run([sys.executable, script, *args], stdout=subprocess.PIPE, text=True, check=False)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"worker {' '.join(args)} failed with exit status {proc.returncode}")
+    return json.loads(lines[-1])
+
+
+def main() -> int:
+    import torch
+
+    torch.set_num_threads(threads())
+    print(machine_line())
+    for name, (cls_name, _, _, targets) in MODELS.items():
+        model = build_base(name)
+        n = sum(p.numel() for p in model.parameters())
+        print(f"{name}: {type(model).__name__} {n / 1e6:.1f}M params ({cls_name}), LoRA on {', '.join(targets)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
