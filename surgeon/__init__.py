@@ -1,7 +1,13 @@
-"""surgeon: LoRA as compiler passes over a captured graph, PEFT-compatible, ONNX-ready."""
+"""surgeon: LoRA as compiler passes over a captured graph, PEFT-compatible, ONNX-ready.
 
-from surgeon.capture import capture
-from surgeon.config import LoraConfig, TaskType
+Names load on first use, so ``from surgeon import AdapterSession`` (ONNX Runtime only) never
+imports torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+
 from surgeon.errors import (
     AdapterError,
     CaptureError,
@@ -10,17 +16,35 @@ from surgeon.errors import (
     TargetNotFoundError,
     UnsupportedModuleError,
 )
-from surgeon.match import match
-from surgeon.auto import AutoPeftModel, AutoPeftModelForCausalLM, AutoPeftModelForSequenceClassification
-from surgeon.model import SurgeonModel, get_peft_model
-from surgeon.passes.lora import inject_lora
-
-PeftModel = SurgeonModel  # PEFT's name, so `PeftModel.from_pretrained(base, dir)` reads the same
 
 __version__ = "0.1.0"
-__all__ = [
-    "AutoPeftModel", "AutoPeftModelForCausalLM", "AutoPeftModelForSequenceClassification", "PeftModel",
-    "AdapterError", "CaptureError", "ConfigError", "LoraConfig", "SurgeonError", "SurgeonModel",
-    "TargetNotFoundError", "TaskType", "UnsupportedModuleError", "capture", "get_peft_model",
-    "inject_lora", "match",
-]
+
+_LAZY = {
+    "LoraConfig": "surgeon.config", "TaskType": "surgeon.config",
+    "capture": "surgeon.capturing", "match": "surgeon.matching",
+    "inject_lora": "surgeon.passes.lora", "fold": "surgeon.passes.fold", "unfold": "surgeon.passes.fold",
+    "SurgeonModel": "surgeon.model", "get_peft_model": "surgeon.model",
+    "AutoPeftModel": "surgeon.auto", "AutoPeftModelForCausalLM": "surgeon.auto",
+    "AutoPeftModelForSequenceClassification": "surgeon.auto",
+    "export_onnx": "surgeon.onnx.export", "AdapterSession": "surgeon.onnx.runtime",
+    "run_checks": "surgeon.checks", "load_model": "surgeon.hub",
+}
+_ALIASES = {"PeftModel": "SurgeonModel"}  # PEFT's name: `PeftModel.from_pretrained(base, dir)` reads the same
+
+__all__ = sorted([*_LAZY, *_ALIASES, "AdapterError", "CaptureError", "ConfigError", "SurgeonError",
+                  "TargetNotFoundError", "UnsupportedModuleError"])
+
+
+def __getattr__(name: str):
+    target = _ALIASES.get(name, name)
+    if target in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[target]), target)
+        globals()[name] = value
+        return value
+    if name in ("layers", "passes", "onnx", "adapters", "hub", "checks", "model", "config"):
+        return importlib.import_module(f"surgeon.{name}")
+    raise AttributeError(f"module 'surgeon' has no attribute {name!r}")
+
+
+def __dir__():
+    return __all__

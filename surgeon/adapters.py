@@ -50,6 +50,16 @@ def peft_saved_key(param_path: str) -> str:
     return f"{PEFT_PREFIX}{param_path}"
 
 
+def parse_peft_key(key: str) -> tuple[str, str]:
+    """``(module path, part)`` of a PEFT key; part is 'A', 'B', or the parameter name of a saved module."""
+    body = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
+    for suffix, part in ((".lora_A.weight", "A"), (".lora_B.weight", "B"), (".lora_embedding_A", "A"), (".lora_embedding_B", "B")):
+        if body.endswith(suffix):
+            return body[: -len(suffix)], part
+    path, _, name = body.rpartition(".")
+    return path, name
+
+
 def onnx_input_names(path: str) -> tuple[str, str]:
     """ONNX graph inputs for A [in, lora_r] and B [lora_r, out] of the module at ``path``."""
     return f"{path}.lora_A.weight", f"{path}.lora_B.weight"

@@ -19,7 +19,12 @@ def _quiet() -> None:
 
     import transformers
 
+    import logging
+
     transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    for name in ("torch.onnx", "torch._dynamo", "torch.export", "torch.fx.experimental.symbolic_shapes", "onnxscript"):
+        logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=UserWarning)
 
@@ -86,7 +91,7 @@ def inject(model, targets, rank, alpha, dropout, all_linear, dry_run, output):
     """Show where LoRA goes in MODEL (a directory or built-in name) and write the initial adapter."""
     _quiet()
     from surgeon.hub import load_model
-    from surgeon.match import match
+    from surgeon.matching import match
     from surgeon.model import get_peft_model, trainable_parameters_line
 
     base = load_model(model)
@@ -119,7 +124,7 @@ def train(model, data, heldout, targets, rank, alpha, dropout, all_linear, steps
 
     from surgeon.hub import DEFAULT_DATA, DEFAULT_HELDOUT, DEFAULT_MODEL, load_model, load_tokenizer
     from surgeon.model import get_peft_model
-    from surgeon.train import TrainSettings, token_blocks
+    from surgeon.train import TrainSettings, check_vocab, token_blocks
     from surgeon.train import train as run
 
     model = model or DEFAULT_MODEL
@@ -132,7 +137,10 @@ def train(model, data, heldout, targets, rank, alpha, dropout, all_linear, steps
         cut = max(1, len(blocks) // 10)
         blocks, eval_blocks = blocks[:-cut], blocks[-cut:]
     torch.manual_seed(seed)
-    peft_model = get_peft_model(load_model(model), _config(targets, rank, alpha, dropout, all_linear, _base_name(model)))
+    base = load_model(model)
+    for b, source in ((blocks, data or DEFAULT_DATA), (eval_blocks, heldout or data or DEFAULT_HELDOUT)):
+        check_vocab(b, base.config.vocab_size, Path(source))
+    peft_model = get_peft_model(base, _config(targets, rank, alpha, dropout, all_linear, _base_name(model)))
     peft_model.print_trainable_parameters()
     click.echo(f"data: {len(blocks)} training blocks, {len(eval_blocks)} held-out blocks of {seq_len} tokens")
     result = run(peft_model, blocks, eval_blocks, settings)
@@ -140,6 +148,100 @@ def train(model, data, heldout, targets, rank, alpha, dropout, all_linear, steps
     click.echo(f"held-out loss: {before:.4f} -> {after:.4f} ({100 * (after - before) / before:+.1f}%)")
     peft_model.save_pretrained(output)
     click.echo(f"wrote adapter to {output}")
+
+
+@main.command()
+@click.argument("model")
+@click.argument("adapter_dirs", nargs=-1, required=True)
+@click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="Directory for the merged checkpoint.")
+@click.option("--weights", help="Comma-separated weight per adapter (default 1 each); several adapters are summed exactly.")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), help="Cast the merged model (default: as loaded).")
+@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+@friendly
+def fold(model, adapter_dirs, output, weights, dtype, force):
+    """Fold ADAPTER_DIRS into MODEL's weights and write a checkpoint AutoModel*.from_pretrained loads."""
+    _quiet()
+    from surgeon.checkpoint import fold_checkpoint
+
+    try:
+        parsed = [float(w) for w in weights.split(",")] if weights else None
+    except ValueError:
+        raise click.BadParameter(f"--weights {weights!r}: give numbers separated by commas, e.g. 0.7,0.3") from None
+    out = fold_checkpoint(model, adapter_dirs, output, weights=parsed, force=force, dtype=dtype)
+    click.echo(f"wrote merged checkpoint to {out}")
+
+
+def _adapter_names(adapter_dirs, names):
+    names = list(names) or [Path(d).resolve().name for d in adapter_dirs]
+    if len(names) != len(adapter_dirs):
+        raise click.BadParameter(f"{len(names)} --name values for {len(adapter_dirs)} adapter directories")
+    if len(set(names)) != len(names):
+        raise click.BadParameter(f"adapter names {names} repeat; give each one with --name")
+    return names
+
+
+@main.command()
+@click.argument("model")
+@click.argument("adapter_dirs", nargs=-1, required=True)
+@click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="Export directory.")
+@click.option("--name", "names", multiple=True, help="Adapter name per directory (default: the directory's name).")
+@click.option("--merged", is_flag=True, help="Fold the (single) adapter into the weights instead of switchable inputs.")
+@click.option("--kv-cache", is_flag=True, help="Export a decoder with past/present key-value inputs and outputs.")
+@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+@friendly
+def export(model, adapter_dirs, output, names, merged, kv_cache, force):
+    """Export MODEL with ADAPTER_DIRS to ONNX: adapter weights as inputs + .onnx_adapter files."""
+    _quiet()
+    from surgeon.hub import load_model
+    from surgeon.model import SurgeonModel
+    from surgeon.onnx.export import export_onnx
+
+    names = _adapter_names(adapter_dirs, names)
+    from surgeon.adapters import read_adapter_dir
+
+    config, _ = read_adapter_dir(adapter_dirs[0])
+    base = load_model(model, task=config.task_type.value if config.task_type else None)
+    peft_model = SurgeonModel.from_pretrained(base, adapter_dirs[0], adapter_name=names[0])
+    for name, directory in zip(names[1:], adapter_dirs[1:]):
+        peft_model.load_adapter(directory, adapter_name=name)
+    out = export_onnx(peft_model, output, names, merged=merged, kv_cache=kv_cache, force=force,
+                      source=_base_name(model),
+                      adapter_sources=dict(zip(names, adapter_dirs)))
+    what = f"merged adapter {names[0]}" if merged else f"adapters {', '.join(names)}"
+    click.echo(f"wrote {out} ({what})")
+
+
+@main.command()
+@click.argument("out_dir", type=click.Path())
+@click.option("--reference", help="Torch model to compare with (default: the source named in the manifest).")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write a machine-readable report here.")
+@click.option("--atol", default=1e-4, show_default=True, type=float, help="Max |ORT - torch| on logits.")
+def check(out_dir, reference, json_path, atol):
+    """Check an export for CI: exit 0 pass, 1 a check failed, 2 usage error."""
+    _quiet()
+    from surgeon.checks import run_checks
+
+    try:
+        report = run_checks(out_dir, reference=reference, atol=atol)
+    except (SurgeonError, FileNotFoundError) as err:
+        click.echo(f"surgeon: error: {' '.join(str(err).split())}", err=True)
+        sys.exit(2)
+    click.echo(report.text())
+    if json_path:
+        from surgeon.adapters import atomic_write_bytes
+
+        atomic_write_bytes(Path(json_path), report.to_json().encode())
+    sys.exit(0 if report.passed else 1)
+
+
+@main.command()
+@click.argument("adapter_dir", type=click.Path())
+@friendly
+def inspect(adapter_dir):
+    """Print an adapter's config, its targets (rank, alpha, norm of scale*B@A) and its file size."""
+    from surgeon.inspect import describe_adapter
+
+    click.echo(describe_adapter(adapter_dir))
 
 
 if __name__ == "__main__":

@@ -93,6 +93,7 @@ class LoraLayer(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.adapters = nn.ModuleDict()
         self.active: tuple[str, ...] = ()
+        self.merged: tuple[str, ...] = ()  # adapters already added into the base weight
         self.enabled = True
 
     def forward(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
@@ -100,7 +101,7 @@ class LoraLayer(nn.Module):
             return base_out
         out = base_out
         for name in self.active:
-            adapter = self.adapters[name] if name in self.adapters else None
+            adapter = self.adapters[name] if name in self.adapters and name not in self.merged else None
             if adapter is not None:
                 out = out + adapter.delta(x).to(base_out.dtype)
         return out

@@ -15,11 +15,12 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from surgeon.capture import accepts, capture, signature_of
+from surgeon.capturing import accepts, capture, signature_of
 from surgeon.config import LoraConfig
 from surgeon.errors import AdapterError, did_you_mean
 from surgeon.layers import LoraLayer, SavedTensor
-from surgeon.match import match
+from surgeon.matching import match
+from surgeon.merge import MergeOps
 from surgeon.model_io import AdapterIO
 from surgeon.passes.lora import inject_lora
 
@@ -39,7 +40,7 @@ class _Base(nn.Module):
         self.model = model
 
 
-class SurgeonModel(AdapterIO, nn.Module):
+class SurgeonModel(AdapterIO, MergeOps, nn.Module):
     """A base model with LoRA adapters, used like ``peft.PeftModel``."""
 
     def __init__(self, model: nn.Module, config: LoraConfig, adapter_name: str = "default", *, is_trainable: bool = True):

@@ -15,7 +15,7 @@ from surgeon.adapters import check_tensors, peft_keys, peft_saved_key, read_adap
 from surgeon.config import LoraConfig
 from surgeon.errors import AdapterError
 from surgeon.layers import LoraLayer, SavedTensor
-from surgeon.match import match, resolve_modules_to_save
+from surgeon.matching import match, resolve_modules_to_save
 
 
 class AdapterIO:

@@ -22,6 +22,13 @@ class TrainSettings:
     eval_blocks: int = 32
 
 
+def check_vocab(blocks: torch.Tensor, vocab_size: int, path: Path) -> None:
+    top = int(blocks.max())
+    if top >= vocab_size:
+        raise DataError(f"{path}: the tokenizer produces token id {top} but the model's vocab_size is {vocab_size}; "
+                        "use the tokenizer saved with this model")
+
+
 def token_blocks(tokenizer, path: Path, seq_len: int) -> torch.Tensor:
     """The file's tokens cut into ``[n, seq_len]`` blocks (the tail shorter than a block is dropped)."""
     try:

@@ -257,3 +257,19 @@ def test_unexpected_and_missing_keys_are_listed(tmp_path, good_dir):
     d = _edit(good_dir, tmp_path / "keys")
     save_file(tensors, d / "adapter_model.safetensors")
     _unchanged_base_loads(d, AdapterError, r"(?s)1 missing keys:.*h\.1\.attn\.c_attn\.lora_B.*1 unexpected keys:.*c_proj")
+
+
+def test_two_adapters_each_with_modules_to_save():
+    model = surgeon.get_peft_model(make_base("gpt2"), surgeon.LoraConfig(target_modules=["c_attn"], modules_to_save=["wpe"]))
+    model.add_adapter("b", surgeon.LoraConfig(target_modules=["c_fc"], modules_to_save=["wpe"]))
+    state = model.adapter_state_dict("b")
+    assert "base_model.model.transformer.wpe.weight" in state
+    with torch.no_grad():
+        state["base_model.model.transformer.wpe.weight"].add_(1.0)
+    x = inputs("gpt2")
+    model.eval()
+    with torch.no_grad():
+        a = model(**x).logits
+        model.set_adapter("b")
+        b = model(**x).logits
+    assert not torch.allclose(a, b)  # each adapter reads its own copy

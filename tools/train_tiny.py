@@ -571,6 +571,8 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(args.out, safe_serialization=True)
     tokenizer.save_pretrained(args.out)
+    for f in args.out.iterdir():
+        f.chmod(0o644)  # safetensors writes 0600; keep the shipped files world-readable
 
     # 5. report (reload from disk, as users will) ---------------------------
     reloaded = GPT2LMHeadModel.from_pretrained(args.out, dtype=torch.float32)

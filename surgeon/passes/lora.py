@@ -17,7 +17,7 @@ from surgeon.adapters import layer_attr, saved_attr
 from surgeon.config import LoraConfig
 from surgeon.errors import AdapterError
 from surgeon.layers import LoraAdapter, LoraLayer, SavedTensor
-from surgeon.match import SITE_OPS, Match, graphs_of, match, module_path_of
+from surgeon.matching import SITE_OPS, Match, graphs_of, match, module_path_of
 from surgeon.passes.graph_copy import copy_graph, node_named, subgraph
 
 
@@ -101,6 +101,9 @@ def _redirect_saved(gm: fx.GraphModule, found: Match, adapter_name: str, reuse: 
             if path is None or not any(path == s or path.startswith(s + ".") for s in found.modules_to_save):
                 continue
             for arg in list(node.all_input_nodes):
+                if arg.op == "call_module" and isinstance(sub.get_submodule(arg.target), SavedTensor):
+                    _add_copy(sub.get_submodule(arg.target), adapter_name)  # redirected by an earlier adapter
+                    continue
                 if arg.op != "get_attr":
                     continue
                 key = f"{path}.{arg.target.rsplit('.', 1)[-1]}"
@@ -108,10 +111,7 @@ def _redirect_saved(gm: fx.GraphModule, found: Match, adapter_name: str, reuse: 
                 saved = _existing(sub, attr) or _existing(gm, attr) or reuse.get(attr)
                 if saved is None:
                     saved = SavedTensor(key, _fetch(sub, arg.target))
-                if adapter_name not in saved.copies:
-                    saved.add(adapter_name)
-                    if not saved.active:
-                        saved.active = (adapter_name,)
+                _add_copy(saved, adapter_name)
                 if _existing(sub, attr) is None:
                     sub.add_submodule(attr, saved)
                 with sub.graph.inserting_before(node):
@@ -122,6 +122,13 @@ def _redirect_saved(gm: fx.GraphModule, found: Match, adapter_name: str, reuse: 
                     sub.graph.erase_node(arg)
                     added -= 1
     return added
+
+
+def _add_copy(saved: SavedTensor, adapter_name: str) -> None:
+    if adapter_name not in saved.copies:
+        saved.add(adapter_name)
+    if not saved.active:
+        saved.active = (adapter_name,)
 
 
 def _fetch(gm: fx.GraphModule, target: str) -> torch.Tensor:

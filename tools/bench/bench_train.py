@@ -58,32 +58,40 @@ def worker(args: argparse.Namespace) -> int:
 
     transformers.logging.set_verbosity_error()
     torch.set_num_threads(args.threads)
-    tool, name = args.worker, args.model
-    importlib.import_module(tool)
+    importlib.import_module(args.worker)  # before the base model: imports count in the base RSS
+    result = measure(args.worker, args.model, args)
+    if args.worker == "surgeon":
+        gc.collect()
+        result["inject_warm_s"] = warm_inject_s(args.model, args.quick)
+        h.progress(f"[surgeon {args.model}] warm inject {result['inject_warm_s']:.2f} s")
+    h.emit(result)
+    return 0
+
+
+def measure(tool: str, name: str, args: argparse.Namespace) -> dict:
+    """Build, inject, train; peak RSS per phase where the kernel lets us restart the count."""
+    import torch
+
     label = f"[{tool} {name}]"
     h.progress(f"{label} building the base model")
     base = h.build_base(name, args.quick)
-    n_params = sum(p.numel() for p in base.parameters())
-    rss_base = h.rss_now_mb()
+    rss_base, peak_build = h.rss_now_mb(), h.peak_rss_mb()
+    phases = h.reset_peak()
     model, inject_s = h.timed(lambda: inject(tool, base, name))
+    peak_inject = h.peak_rss_mb()
     h.progress(f"{label} injected in {inject_s:.2f} s")
-    model.train()
     batch = h.make_batch(base.config.vocab_size, args.batch, args.seq)
-    times, losses = h.train_steps(model, batch, args.warmup, args.steps, label)
-    peak = h.peak_rss_mb()
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    result = {
-        "tool": tool, "model": name, "params": n_params, "trainable": trainable, "threads": torch.get_num_threads(),
-        "inject_s": inject_s, "step_s": h.median(times), "steps_s": times, "losses": losses,
-        "peak_rss_mb": peak, "rss_base_mb": rss_base, "rss_growth_mb": peak - rss_base,
+    h.reset_peak()
+    times, cpu_times, losses = h.train_steps(model.train(), batch, args.warmup, args.steps, label)
+    peak_train = h.peak_rss_mb()
+    peak = max(peak_build, peak_inject, peak_train) if phases else peak_train
+    return {
+        "tool": tool, "model": name, "params": sum(p.numel() for p in base.parameters()),
+        "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad), "threads": torch.get_num_threads(),
+        "inject_s": inject_s, "step_s": h.median(times), "step_cpu_s": h.median(cpu_times), "steps_s": times,
+        "losses": losses, "peak_rss_mb": peak, "rss_base_mb": rss_base, "rss_growth_mb": peak - rss_base,
+        "peak_phases_mb": {"build": peak_build, "inject": peak_inject, "train": peak_train} if phases else None,
     }
-    if tool == "surgeon":
-        del model, base
-        gc.collect()
-        result["inject_warm_s"] = warm_inject_s(name, args.quick)
-        h.progress(f"{label} warm inject {result['inject_warm_s']:.2f} s")
-    h.emit(result)
-    return 0
 
 
 # ---- parent: spawn workers, print the table -----------------------------------------------
@@ -107,7 +115,8 @@ def print_table(args: argparse.Namespace, results: dict[tuple[str, str], list[di
     print(f"workload: fp32 CPU, batch {args.batch} x seq {args.seq}, LoRA r={h.LORA['r']} alpha={h.LORA['lora_alpha']} "
           f"dropout={h.LORA['lora_dropout']}, AdamW lr {h.LR}, median of {args.steps} steps after {args.warmup} "
           f"warm-up, {args.repeat} run(s) per tool{' [--quick: tiny configs]' if args.quick else ''}")
-    head = f"{'model':<22} {'tool':<8} {'inject s (cold/warm)':>20} {'step s':>8} {'peak RSS MB':>12} {'RSS growth MB':>14} {'loss0':>8}"
+    head = (f"{'model':<22} {'tool':<8} {'inject s (cold/warm)':>20} {'step s':>8} {'step CPU s':>10} "
+            f"{'peak RSS MB':>12} {'RSS growth MB':>14} {'loss0':>8}")
     print(head)
     print("-" * len(head))
     for name in models:
@@ -116,7 +125,7 @@ def print_table(args: argparse.Namespace, results: dict[tuple[str, str], list[di
             r = rows[tool]
             inj = f"{r['inject_s']:.2f}" + (f" / {r['inject_warm_s']:.2f}" if "inject_warm_s" in r else "")
             model = f"{name} ({r['params'] / 1e6:.1f}M)"
-            print(f"{model:<22} {tool:<8} {inj:>20} {r['step_s']:>8.2f} {r['peak_rss_mb']:>12.0f} "
+            print(f"{model:<22} {tool:<8} {inj:>20} {r['step_s']:>8.2f} {r['step_cpu_s']:>10.2f} {r['peak_rss_mb']:>12.0f} "
                   f"{r['rss_growth_mb']:>14.0f} {r['losses'][0]:>8.4f}")
         s, p = rows["surgeon"], rows["peft"]
         step_ratio, mem_ratio = s["step_s"] / p["step_s"], s["peak_rss_mb"] / p["peak_rss_mb"]

@@ -57,10 +57,11 @@ def machine_line() -> str:
     import torch
     import transformers
 
+    from importlib import metadata
+
     try:
-        import peft
-        peft_version = peft.__version__
-    except ImportError:
+        peft_version = metadata.version("peft")
+    except metadata.PackageNotFoundError:
         peft_version = "not installed"
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     return (f"machine: {threads()} cores ({cpu_name()}), load average {load}; torch {torch.__version__} "
@@ -102,12 +103,22 @@ def rss_now_mb() -> float:
 
 
 def peak_rss_mb() -> float:
-    """Peak resident set size of this process so far (ru_maxrss is in KiB on Linux)."""
+    """Peak resident set size of this process so far, or since ``reset_peak`` (ru_maxrss is in KiB on Linux)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def train_steps(model, batch: dict, warmup: int, steps: int, label: str = "") -> tuple[list[float], list[float]]:
-    """AdamW on the trainable parameters; returns (seconds of each timed step, every loss).
+def reset_peak() -> bool:
+    """Restart the peak RSS count (Linux: ``echo 5 > /proc/self/clear_refs``); False where unsupported."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def train_steps(model, batch: dict, warmup: int, steps: int, label: str = "") -> tuple[list[float], list[float], list[float]]:
+    """AdamW on the trainable parameters; returns wall and CPU seconds of each timed step, and every loss.
 
     A step is forward + loss + backward + ``optimizer.step()`` + ``zero_grad()``.
     """
@@ -116,21 +127,22 @@ def train_steps(model, batch: dict, warmup: int, steps: int, label: str = "") ->
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=LR)
     torch.manual_seed(SEED + 2)  # same dropout masks for every tool
-    times, losses = [], []
+    times, cpu_times, losses = [], [], []
     for i in range(warmup + steps):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         loss = model(**batch).loss
         loss.backward()
         opt.step()
         opt.zero_grad()
-        dt = time.perf_counter() - t0
+        dt, dc = time.perf_counter() - t0, time.process_time() - c0
         losses.append(loss.item())
         if i >= warmup:
             times.append(dt)
+            cpu_times.append(dc)
         phase = "warm-up" if i < warmup else "step"
         n = i + 1 if i < warmup else i - warmup + 1
         progress(f"{label} {phase} {n}/{warmup if i < warmup else steps}: {dt:.2f} s, loss {losses[-1]:.4f}")
-    return times, losses
+    return times, cpu_times, losses
 
 
 def progress(line: str) -> None:

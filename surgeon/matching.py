@@ -14,7 +14,7 @@ from collections.abc import Mapping
 import torch
 from torch import fx
 
-from surgeon.capture import SUPPORTED_KINDS, CaptureInfo, ModuleInfo
+from surgeon.capturing import SUPPORTED_KINDS, CaptureInfo, ModuleInfo
 from surgeon.config import CLASSIFIER_HEADS, LoraConfig, TaskType
 from surgeon.errors import ConfigError, TargetNotFoundError, UnsupportedModuleError, suggest
 

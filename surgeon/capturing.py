@@ -205,7 +205,7 @@ def _explain(model: nn.Module, err: Exception) -> str:
     first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     where = ""
     frames = [f for f in traceback.extract_tb(err.__traceback__)
-              if "/torch/" not in f.filename and not f.filename.startswith("<") and not f.filename.endswith("surgeon/capture.py")]
+              if "/torch/" not in f.filename and not f.filename.startswith("<") and not f.filename.endswith("surgeon/capturing.py")]
     if frames:
         f = frames[-1]
         where = f"\n  at {f.filename}:{f.lineno}: {(f.line or '').strip()}"

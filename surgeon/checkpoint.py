@@ -1,0 +1,98 @@
+"""Merged checkpoints: base + adapters -> a directory ``AutoModelFor*.from_pretrained`` loads.
+
+Written into a temporary directory beside OUT and renamed into place, so an interrupted write
+leaves no partial OUT; the base directory is only read.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from surgeon.errors import SurgeonError
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
+                   "tokenizer.model", "vocab.txt", "added_tokens.json", "chat_template.jinja")
+
+
+class OutputError(SurgeonError, FileExistsError):
+    """OUT exists already or cannot be written."""
+
+
+def write_dir_atomically(out: str | os.PathLike, fill: Callable[[Path], None], *, force: bool = False) -> Path:
+    """Call ``fill(tmp_dir)``, then rename ``tmp_dir`` to ``out``; on any error nothing is left behind."""
+    out = Path(out).resolve()
+    if out.exists() and not force:
+        raise OutputError(f"{out}: exists already; choose another -o or pass --force to replace it")
+    parent = out.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=parent, prefix=f".{out.name}.tmp-"))
+    except OSError as err:
+        raise OutputError(f"{out}: cannot write there ({err.strerror}); choose a writable -o") from None
+    from safetensors import SafetensorError  # raised for I/O errors (e.g. disk full) while serialising
+
+    try:
+        fill(tmp)
+        if out.exists():
+            old = Path(tempfile.mkdtemp(dir=parent, prefix=f".{out.name}.old-"))
+            os.replace(out, old / "replaced")
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except (OSError, SafetensorError) as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        reason = getattr(err, "strerror", None) or str(err)
+        raise OutputError(f"{out}: writing failed ({reason}); nothing was written") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def copy_tokenizer_files(source: Path, target: Path) -> list[str]:
+    copied = []
+    for name in TOKENIZER_FILES:
+        if (source / name).is_file():
+            shutil.copy2(source / name, target / name)
+            copied.append(name)
+    return copied
+
+
+def fold_checkpoint(model: str, adapter_dirs: Sequence[str], out: str | os.PathLike, *,
+                    weights: Sequence[float] | None = None, force: bool = False, dtype: str | None = None) -> Path:
+    """Load ``model``, add each adapter (weighted sum when several), merge, write a checkpoint to ``out``."""
+    import torch
+
+    from surgeon.hub import load_model, model_dir
+    from surgeon.model import SurgeonModel
+
+    if not adapter_dirs:
+        raise SurgeonError("fold needs at least one adapter directory")
+    weights = list(weights) if weights else [1.0] * len(adapter_dirs)
+    if len(weights) != len(adapter_dirs):
+        raise SurgeonError(f"--weights has {len(weights)} values for {len(adapter_dirs)} adapters")
+    from surgeon.adapters import read_adapter_dir
+
+    first_config, _ = read_adapter_dir(adapter_dirs[0])
+    task = first_config.task_type.value if first_config.task_type else None
+    base = load_model(model, task=task)
+    peft_model = SurgeonModel.from_pretrained(base, adapter_dirs[0], adapter_name="a0")
+    for i, d in enumerate(adapter_dirs[1:], start=1):
+        peft_model.load_adapter(d, adapter_name=f"a{i}")
+    if len(adapter_dirs) > 1 or weights[0] != 1.0:
+        peft_model.add_weighted_adapter([f"a{i}" for i in range(len(adapter_dirs))], weights, "merged")
+        peft_model.set_adapter("merged")
+    merged = peft_model.merge_and_unload(safe_merge=True)
+    if dtype:
+        merged = merged.to(getattr(torch, dtype))
+
+    def fill(tmp: Path) -> None:
+        merged.save_pretrained(tmp, safe_serialization=True)
+        copy_tokenizer_files(model_dir(model), tmp)
+
+    return write_dir_atomically(out, fill, force=force)

@@ -1,0 +1,49 @@
+"""A readable summary of an adapter directory (``surgeon inspect``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from surgeon.adapters import CONFIG_NAME, WEIGHTS_NAME, parse_peft_key, read_adapter_dir
+
+
+def describe_adapter(directory: str) -> str:
+    config, tensors = read_adapter_dir(directory)
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    saved = []
+    for key, value in tensors.items():
+        path, part = parse_peft_key(key)
+        if part in ("A", "B"):
+            pairs.setdefault(path, {})[part] = value
+        else:
+            saved.append((f"{path}.{part}", tuple(value.shape)))
+    rows = [("module", "r", "alpha", "scale", "|scale*B@A|")]
+    for path in sorted(pairs):
+        a, b = pairs[path]["A"].float(), pairs[path]["B"].float()
+        scale = config.scale_for(path)
+        rows.append((path, str(a.shape[0]), f"{config.alpha_for(path):g}", f"{scale:g}",
+                     f"{(scale * torch.linalg.matrix_norm(b @ a)).item():.4g}"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    table = "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
+    d = Path(directory)
+    size = (d / WEIGHTS_NAME).stat().st_size
+    n_params = sum(t.numel() for t in tensors.values())
+    lines = [
+        f"adapter: {d}",
+        f"base: {config.base_model_name_or_path}   task: {config.task_type.value if config.task_type else None}",
+        f"r={config.r} lora_alpha={config.lora_alpha:g} dropout={config.lora_dropout:g} rslora={config.use_rslora} "
+        f"bias={config.bias} target_modules={_show(config.target_modules)}",
+        "",
+        table,
+    ]
+    if saved:
+        lines += ["", "modules_to_save copies: " + ", ".join(f"{n} {s}" for n, s in saved)]
+    lines += ["", f"{WEIGHTS_NAME}: {size:,d} bytes, {n_params:,d} parameters; {CONFIG_NAME}: "
+              f"{(d / CONFIG_NAME).stat().st_size:,d} bytes"]
+    return "\n".join(lines)
+
+
+def _show(value) -> str:
+    return value if isinstance(value, str) or value is None else ",".join(value)

@@ -1,0 +1,137 @@
+"""PEFT's merge methods for ``SurgeonModel``: they change the eager base weights in place, as PEFT does.
+
+``merge_adapter`` / ``unmerge_adapter`` add and subtract ``scale * B @ A`` (fp32, cast back) and
+keep the adapters; ``merge_and_unload`` also writes ``modules_to_save`` copies into the base and
+returns the plain transformers model. For a merge that leaves its input alone, use the graph pass
+``surgeon.fold``. Tied weights touched by a merge are untied first, with a warning.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import nn
+
+from surgeon.config import LoraConfig
+from surgeon.errors import AdapterError
+from surgeon.layers import LoraLayer, SavedTensor
+from surgeon.passes.fold import lora_delta, merged_weight
+
+
+class MergeOps:
+    """Mixin of ``SurgeonModel``."""
+
+    def _lora_layers(self) -> list[LoraLayer]:
+        return [m for m in self._registry().values() if isinstance(m, LoraLayer)]
+
+    def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        """Add the adapters (default: the active one) into the base weights; the branches skip them."""
+        names = tuple(adapter_names or self.active_adapters)
+        for name in names:
+            self._known(name)
+        plan = []
+        for layer in self._lora_layers():
+            todo = tuple(n for n in names if n in layer.adapters and n not in layer.merged)
+            if todo:
+                plan.append((layer, todo, self._own_weight(layer.path)))
+        if safe_merge:  # check every merged weight before writing any (one at a time: no extra memory)
+            for layer, todo, w in plan:
+                merged_weight(w, lora_delta(layer, todo), layer.path)
+        done = []
+        try:
+            for layer, todo, w in plan:
+                w.data.copy_(merged_weight(w, lora_delta(layer, todo), layer.path))
+                layer.merged += todo
+                done.append((layer, todo, w))
+        except Exception:
+            for layer, todo, w in done:  # roll back (within fp32 rounding; safe_merge never gets here)
+                w.data.copy_(merged_weight(w, lora_delta(layer, todo), layer.path, sign=-1.0))
+                layer.merged = tuple(n for n in layer.merged if n not in todo)
+            raise
+
+    def unmerge_adapter(self) -> None:
+        """Subtract every merged adapter from the base weights again (exact within fp32 rounding)."""
+        for layer in self._lora_layers():
+            if layer.merged:
+                w = self._own_weight(layer.path)
+                w.data.copy_(merged_weight(w, lora_delta(layer, layer.merged), layer.path, sign=-1.0))
+                layer.merged = ()
+
+    def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False,
+                         adapter_names: list[str] | None = None) -> nn.Module:
+        """Merge and return the plain transformers model (its own class; ``generate`` works)."""
+        self.merge_adapter(adapter_names, safe_merge=safe_merge)
+        for module in self._registry().values():
+            if isinstance(module, SavedTensor):
+                copy = module()
+                if copy is not module.original:
+                    self._own_param(module.path).data.copy_(copy.detach())
+        for p in self.base.parameters():
+            p.requires_grad_(False)
+        return self.base
+
+    def unload(self) -> nn.Module:
+        """The base model without adapters (nothing merged)."""
+        self.unmerge_adapter()
+        return self.base
+
+    def _own_param(self, param_path: str) -> nn.Parameter:
+        """The base parameter at ``param_path``, untied from any other module that shares it."""
+        owner_path, _, leaf = param_path.rpartition(".")
+        owner = self.base.get_submodule(owner_path)
+        param = getattr(owner, leaf)
+        sharers = [n for n, p in self.base.named_parameters(remove_duplicate=False) if p is param and n != param_path]
+        if sharers:
+            warnings.warn(f"merge: {param_path} is tied to {', '.join(sharers)}; untying it so only {owner_path} changes",
+                          stacklevel=3)
+            param = nn.Parameter(param.detach().clone(), requires_grad=False)
+            setattr(owner, leaf, param)
+            if getattr(self.base.config, "tie_word_embeddings", False):
+                self.base.config.tie_word_embeddings = False
+            self._graphs.clear()  # captured graphs read the old shared tensor: capture again on next use
+        return param
+
+    def _own_weight(self, module_path: str) -> nn.Parameter:
+        return self._own_param(f"{module_path}.weight")
+
+    def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str,
+                             combination_type: str = "cat", svd_rank: int | None = None) -> None:
+        """A new adapter equal to ``sum w_i * adapter_i``.
+
+        ``"cat"`` is exact: ranks add up (A stacked, B stacked with ``w_i * scale_i`` folded in, scale 1).
+        ``"svd"`` truncates the summed delta to ``svd_rank`` (default: the largest input rank).
+        """
+        if combination_type not in ("cat", "svd"):
+            raise AdapterError(f"combination_type={combination_type!r}: use 'cat' (exact) or 'svd' (truncated)")
+        if len(adapters) != len(weights) or not adapters:
+            raise AdapterError(f"add_weighted_adapter: {len(adapters)} adapters but {len(weights)} weights")
+        for name in adapters:
+            self._known(name)
+        parts = {}
+        for layer in self._lora_layers():
+            pairs = [(layer.adapters[n], w) for n, w in zip(adapters, weights) if n in layer.adapters]
+            if pairs:
+                parts[layer.path] = (layer, _combine(pairs, combination_type, svd_rank))
+        ranks = {p: ab[0].shape[0] for p, (_, ab) in parts.items()}
+        config = LoraConfig(r=max(ranks.values()), lora_alpha=max(ranks.values()), target_modules=sorted(parts),
+                            rank_pattern=ranks, alpha_pattern=dict(ranks), task_type=self.peft_config[adapters[0]].task_type,
+                            base_model_name_or_path=self.peft_config[adapters[0]].base_model_name_or_path)
+        self._add(adapter_name, config)
+        with torch.no_grad():
+            for layer, (a, b) in parts.values():
+                target = layer.adapters[adapter_name]
+                target.lora_A.copy_(a)
+                target.lora_B.copy_(b)
+
+
+def _combine(pairs, combination_type: str, svd_rank: int | None):
+    if combination_type == "cat":
+        a = torch.cat([ad.lora_A[: ad.r].detach() for ad, _ in pairs])
+        b = torch.cat([ad.lora_B[:, : ad.r].detach() * (w * ad.scaling) for ad, w in pairs], dim=1)
+        return a, b
+    delta = sum((ad.lora_B[:, : ad.r].detach().float() @ ad.lora_A[: ad.r].detach().float()) * (w * ad.scaling) for ad, w in pairs)
+    rank = svd_rank or max(ad.r for ad, _ in pairs)
+    u, s, vh = torch.linalg.svd(delta, full_matrices=False)
+    root = s[:rank].sqrt()
+    return (root[:, None] * vh[:rank]), (u[:, :rank] * root[None, :])

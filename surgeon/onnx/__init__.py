@@ -1,0 +1,1 @@
+"""ONNX export (needs torch) and the ONNX Runtime session (never imports torch)."""

@@ -1,0 +1,162 @@
+"""Pass: fold LoRA branches into the base weights, and back.
+
+Before: ``y = linear(x, W, b); z = lora(x, y)``.
+After:  ``y = linear(x, W', b)`` with ``W' = W + scale * B @ A`` (transposed for GPT-2's Conv1D,
+``[num, dim]`` for embeddings), computed in fp32 and cast to W's dtype. ``W'`` is a new tensor:
+the input graph and the base model keep ``W``. Reads of ``modules_to_save`` copies become plain
+attributes holding the active copy. ``unfold`` re-inserts the branches and subtracts the delta.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+
+import torch
+from torch import fx, nn
+
+from surgeon.adapters import layer_attr
+from surgeon.errors import SurgeonError
+from surgeon.layers import LoraLayer, SavedTensor
+from surgeon.matching import SITE_OPS, graphs_of
+from surgeon.passes.graph_copy import copy_graph
+
+FOLDED_ROOT = "surgeon_folded"
+
+
+class FoldError(SurgeonError, FloatingPointError):
+    """Folding produced NaN or Inf."""
+
+
+@dataclasses.dataclass(frozen=True)
+class FoldedSite:
+    """What ``unfold`` needs: where a branch was, the layer it came from, the weight it replaced."""
+
+    graph_path: str
+    node: str
+    layer: LoraLayer
+    original_target: str
+
+
+def lora_delta(layer: LoraLayer, names: tuple[str, ...] | None = None) -> torch.Tensor:
+    """``sum scale * B @ A`` over the layer's active (or named) adapters, fp32, in the base weight's layout."""
+    delta = None
+    for name in names if names is not None else layer.active:
+        if name not in layer.adapters:
+            continue
+        adapter = layer.adapters[name]
+        d = (adapter.lora_B.detach().float() @ adapter.lora_A.detach().float()) * adapter.scaling.float()
+        delta = d if delta is None else delta + d
+    if delta is None:
+        return None
+    return delta if layer.kind == "linear" else delta.t()  # conv1d [in, out], embedding [num, dim]
+
+
+def merged_weight(weight: torch.Tensor, delta: torch.Tensor | None, where: str, *, sign: float = 1.0) -> torch.Tensor:
+    """``weight + sign * delta`` in fp32, checked for NaN/Inf, cast back to ``weight``'s dtype."""
+    if delta is None:
+        return weight.detach().clone()
+    out = weight.detach().float() + sign * delta.to(weight.device)
+    if not torch.isfinite(out).all():
+        bad = (~torch.isfinite(out)).sum().item()
+        raise FoldError(f"folding the adapter into {where} gives {bad} NaN/Inf values; the adapter weights are too large "
+                        "or already non-finite (check them with `surgeon inspect`)")
+    return out.to(weight.dtype)
+
+
+def fold(gm: fx.GraphModule) -> fx.GraphModule:
+    """A new graph with every active adapter folded into new weight tensors (the input is untouched)."""
+    new = copy_graph(gm)
+    folded: list[FoldedSite] = list(gm.meta.get("surgeon_folded", ()))
+    tied_warned = set()
+    for gpath, sub in graphs_of(new):
+        for node in list(sub.graph.nodes):
+            if node.op == "call_module" and isinstance(sub.get_submodule(node.target), LoraLayer):
+                folded.append(_fold_site(new, sub, gpath, node, tied_warned))
+            elif node.op == "call_module" and isinstance(sub.get_submodule(node.target), SavedTensor):
+                _freeze_saved(sub, node)
+        sub.graph.eliminate_dead_code()
+        sub.graph.lint()
+        sub.recompile()
+    new.meta["surgeon_folded"] = tuple(folded)
+    leftover = [n for _, s in graphs_of(new) for n in s.graph.nodes if n.op == "call_module" and str(n.target).startswith("surgeon_lora")]
+    if leftover:
+        raise RuntimeError(f"fold verifier: {len(leftover)} LoRA branches remain")
+    return new
+
+
+def _fold_site(root: fx.GraphModule, sub: fx.GraphModule, gpath: str, branch: fx.Node, tied_warned: set) -> FoldedSite:
+    layer: LoraLayer = sub.get_submodule(branch.target)
+    site = branch.args[1]
+    w_node = site.args[SITE_OPS[site.target][1]]
+    weight = _fetch(sub, w_node.target)
+    new_weight = merged_weight(weight, lora_delta(layer), layer.path)
+    shared = [u for u in w_node.users if u is not site]
+    if shared and layer.path not in tied_warned:
+        tied_warned.add(layer.path)
+        warnings.warn(f"fold: {layer.path} shares its weight with other layers (tied embeddings); the fold unties it: "
+                      "only this layer gets the merged weight", stacklevel=3)
+    attr = f"{FOLDED_ROOT}.{layer_attr(layer.path).split('.', 1)[1]}.{site.name}"
+    _set_attr(sub, attr, nn.Parameter(new_weight, requires_grad=False))
+    with sub.graph.inserting_before(site):
+        new_w = sub.graph.get_attr(attr)
+    site.replace_input_with(w_node, new_w)
+    branch.replace_all_uses_with(site)
+    sub.graph.erase_node(branch)
+    return FoldedSite(gpath, site.name, layer, w_node.target)
+
+
+def _freeze_saved(sub: fx.GraphModule, node: fx.Node) -> None:
+    saved: SavedTensor = sub.get_submodule(node.target)
+    attr = f"{FOLDED_ROOT}.{node.target.split('.', 1)[1]}"
+    _set_attr(sub, attr, nn.Parameter(saved().detach().clone(), requires_grad=False))
+    with sub.graph.inserting_before(node):
+        read = sub.graph.get_attr(attr)
+    node.replace_all_uses_with(read)
+    sub.graph.erase_node(node)
+
+
+def unfold(gm: fx.GraphModule) -> fx.GraphModule:
+    """A new graph with the branches back and ``W = W' - scale * B @ A`` (equal to W within fp32 rounding)."""
+    new = copy_graph(gm)
+    for site_info in gm.meta.get("surgeon_folded", ()):
+        sub = new.get_submodule(site_info.graph_path) if site_info.graph_path else new
+        site = next(n for n in sub.graph.nodes if n.name == site_info.node)
+        w_node = site.args[SITE_OPS[site.target][1]]
+        layer = site_info.layer
+        restored = merged_weight(_fetch(sub, w_node.target), lora_delta(layer), layer.path, sign=-1.0)
+        attr = f"{FOLDED_ROOT}.restored.{layer_attr(layer.path).split('.', 1)[1]}.{site.name}"
+        _set_attr(sub, attr, nn.Parameter(restored, requires_grad=False))
+        with sub.graph.inserting_before(site):
+            w = sub.graph.get_attr(attr)
+        site.replace_input_with(w_node, w)
+        lattr = layer_attr(layer.path)
+        try:
+            sub.get_submodule(lattr)
+        except AttributeError:
+            sub.add_submodule(lattr, layer)
+        x = site.args[SITE_OPS[site.target][2]]
+        with sub.graph.inserting_after(site):
+            branch = sub.graph.call_module(lattr, (x, site))
+        site.replace_all_uses_with(branch, delete_user_cb=lambda u: u is not branch)
+    for _, sub in graphs_of(new):
+        sub.graph.eliminate_dead_code()
+        sub.graph.lint()
+        sub.recompile()
+    new.meta["surgeon_folded"] = ()
+    return new
+
+
+def _fetch(gm: fx.GraphModule, target: str) -> torch.Tensor:
+    owner, _, name = target.rpartition(".")
+    return getattr(gm.get_submodule(owner) if owner else gm, name)
+
+
+def _set_attr(gm: fx.GraphModule, dotted: str, value: torch.Tensor) -> None:
+    owner = gm
+    *parents, leaf = dotted.split(".")
+    for part in parents:
+        if not hasattr(owner, part):
+            owner.add_module(part, nn.Module())
+        owner = getattr(owner, part)
+    owner.register_parameter(leaf, value)
