@@ -17,7 +17,7 @@ $(PY):
 venv: $(PY)
 
 demo: $(PY)
-	$(VENV)/bin/surgeon train --steps 150 -o runs/demo-adapter
+	$(VENV)/bin/surgeon train -o runs/demo-adapter
 
 test: $(PY)
 	$(PY) -m pytest tests

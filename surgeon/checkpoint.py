@@ -63,12 +63,10 @@ def copy_tokenizer_files(source: Path, target: Path) -> list[str]:
     return copied
 
 
-def fold_checkpoint(model: str, adapter_dirs: Sequence[str], out: str | os.PathLike, *,
-                    weights: Sequence[float] | None = None, force: bool = False, dtype: str | None = None) -> Path:
-    """Load ``model``, add each adapter (weighted sum when several), merge, write a checkpoint to ``out``."""
-    import torch
-
-    from surgeon.hub import load_model, model_dir
+def load_with_adapters(model: str, adapter_dirs: Sequence[str], weights: Sequence[float] | None = None):
+    """``(SurgeonModel, name)``: the base with each adapter, and the one to fold (a weighted sum when several)."""
+    from surgeon.adapters import read_adapter_dir
+    from surgeon.hub import load_model
     from surgeon.model import SurgeonModel
 
     if not adapter_dirs:
@@ -76,17 +74,27 @@ def fold_checkpoint(model: str, adapter_dirs: Sequence[str], out: str | os.PathL
     weights = list(weights) if weights else [1.0] * len(adapter_dirs)
     if len(weights) != len(adapter_dirs):
         raise SurgeonError(f"--weights has {len(weights)} values for {len(adapter_dirs)} adapters")
-    from surgeon.adapters import read_adapter_dir
-
     first_config, _ = read_adapter_dir(adapter_dirs[0])
-    task = first_config.task_type.value if first_config.task_type else None
-    base = load_model(model, task=task)
+    base = load_model(model, task=first_config.task_type.value if first_config.task_type else None)
     peft_model = SurgeonModel.from_pretrained(base, adapter_dirs[0], adapter_name="a0")
     for i, d in enumerate(adapter_dirs[1:], start=1):
         peft_model.load_adapter(d, adapter_name=f"a{i}")
+    name = "a0"
     if len(adapter_dirs) > 1 or weights[0] != 1.0:
-        peft_model.add_weighted_adapter([f"a{i}" for i in range(len(adapter_dirs))], weights, "merged")
-        peft_model.set_adapter("merged")
+        name = "merged"
+        peft_model.add_weighted_adapter([f"a{i}" for i in range(len(adapter_dirs))], weights, name)
+    peft_model.set_adapter(name)
+    return peft_model, name
+
+
+def fold_checkpoint(model: str, adapter_dirs: Sequence[str], out: str | os.PathLike, *,
+                    weights: Sequence[float] | None = None, force: bool = False, dtype: str | None = None) -> Path:
+    """Load ``model``, add each adapter (weighted sum when several), merge, write a checkpoint to ``out``."""
+    import torch
+
+    from surgeon.hub import model_dir
+
+    peft_model, _ = load_with_adapters(model, adapter_dirs, weights)
     merged = peft_model.merge_and_unload(safe_merge=True)
     if dtype:
         merged = merged.to(getattr(torch, dtype))
@@ -96,3 +104,13 @@ def fold_checkpoint(model: str, adapter_dirs: Sequence[str], out: str | os.PathL
         copy_tokenizer_files(model_dir(model), tmp)
 
     return write_dir_atomically(out, fill, force=force)
+
+
+def fold_onnx(model: str, adapter_dirs: Sequence[str], out: str | os.PathLike, *,
+              weights: Sequence[float] | None = None, force: bool = False, source: str | None = None) -> Path:
+    """Like ``fold_checkpoint`` but writes a merged ONNX export (the fold pass, then the exporter)."""
+    from surgeon.onnx.export import export_onnx
+
+    peft_model, name = load_with_adapters(model, adapter_dirs, weights)
+    sources = {name: adapter_dirs[0]} if name == "a0" else None
+    return export_onnx(peft_model, out, [name], merged=True, force=force, source=source or model, adapter_sources=sources)

@@ -115,19 +115,22 @@ def inject(model, targets, rank, alpha, dropout, all_linear, dry_run, output):
 @click.option("--batch-size", default=8, show_default=True, type=int)
 @click.option("--seq-len", default=128, show_default=True, type=int)
 @click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--eval-blocks", "eval_blocks_n", default=64, show_default=True, type=int, help="Held-out blocks for the before/after loss.")
 @click.option("-o", "--output", default="runs/adapter", show_default=True, type=click.Path(file_okay=False))
 @friendly
-def train(model, data, heldout, targets, rank, alpha, dropout, all_linear, steps, lr, batch_size, seq_len, seed, output):
+def train(model, data, heldout, targets, rank, alpha, dropout, all_linear, steps, lr, batch_size, seq_len, seed,
+          eval_blocks_n, output):
     """Fine-tune a LoRA adapter on MODEL (default: the embedded tiny GPT-2) and write it."""
     _quiet()
     import torch
 
-    from surgeon.hub import DEFAULT_DATA, DEFAULT_HELDOUT, DEFAULT_MODEL, load_model, load_tokenizer
+    from surgeon.hub import BUILTIN_TARGETS, DEFAULT_DATA, DEFAULT_HELDOUT, DEFAULT_MODEL, load_model, load_tokenizer
     from surgeon.model import get_peft_model
     from surgeon.train import TrainSettings, check_vocab, token_blocks
     from surgeon.train import train as run
 
     model = model or DEFAULT_MODEL
+    targets = targets or (() if all_linear else BUILTIN_TARGETS.get(model, ()))
     settings = TrainSettings(steps=steps, lr=lr, batch_size=batch_size, seq_len=seq_len, seed=seed)
     tokenizer = load_tokenizer(model)
     blocks = token_blocks(tokenizer, Path(data) if data else DEFAULT_DATA, seq_len)
@@ -136,6 +139,7 @@ def train(model, data, heldout, targets, rank, alpha, dropout, all_linear, steps
     else:
         cut = max(1, len(blocks) // 10)
         blocks, eval_blocks = blocks[:-cut], blocks[-cut:]
+    eval_blocks = eval_blocks[:max(1, eval_blocks_n)]
     torch.manual_seed(seed)
     base = load_model(model)
     for b, source in ((blocks, data or DEFAULT_DATA), (eval_blocks, heldout or data or DEFAULT_HELDOUT)):
@@ -156,17 +160,25 @@ def train(model, data, heldout, targets, rank, alpha, dropout, all_linear, steps
 @click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="Directory for the merged checkpoint.")
 @click.option("--weights", help="Comma-separated weight per adapter (default 1 each); several adapters are summed exactly.")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), help="Cast the merged model (default: as loaded).")
+@click.option("--format", "fmt", type=click.Choice(["hf", "onnx"]), default="hf", show_default=True,
+              help="hf: a transformers checkpoint; onnx: a merged ONNX export (as `surgeon export --merged`).")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @friendly
-def fold(model, adapter_dirs, output, weights, dtype, force):
+def fold(model, adapter_dirs, output, weights, dtype, fmt, force):
     """Fold ADAPTER_DIRS into MODEL's weights and write a checkpoint AutoModel*.from_pretrained loads."""
     _quiet()
-    from surgeon.checkpoint import fold_checkpoint
+    from surgeon.checkpoint import fold_checkpoint, fold_onnx
 
     try:
         parsed = [float(w) for w in weights.split(",")] if weights else None
     except ValueError:
         raise click.BadParameter(f"--weights {weights!r}: give numbers separated by commas, e.g. 0.7,0.3") from None
+    if fmt == "onnx":
+        if dtype:
+            raise click.BadParameter("--dtype applies to --format hf; ONNX exports are fp32")
+        out = fold_onnx(model, adapter_dirs, output, weights=parsed, force=force, source=_base_name(model))
+        click.echo(f"wrote merged ONNX model to {out}")
+        return
     out = fold_checkpoint(model, adapter_dirs, output, weights=parsed, force=force, dtype=dtype)
     click.echo(f"wrote merged checkpoint to {out}")
 

@@ -11,6 +11,8 @@ from surgeon.errors import ModelNotFoundError, did_you_mean
 
 ASSETS = Path(__file__).parent / "assets"
 BUILTIN = {"tiny-gpt2": ASSETS / "tiny-gpt2"}
+# What `surgeon train` adapts on a built-in model when no -t is given (attention and MLP: a clear effect).
+BUILTIN_TARGETS = {"tiny-gpt2": ("c_attn", "c_proj", "c_fc")}
 DEFAULT_MODEL = "tiny-gpt2"
 DEFAULT_DATA = ASSETS / "corpus" / "finetune.txt"
 DEFAULT_HELDOUT = ASSETS / "corpus" / "finetune_heldout.txt"

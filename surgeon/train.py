@@ -19,7 +19,6 @@ class TrainSettings:
     batch_size: int = 8
     seq_len: int = 128
     seed: int = 0
-    eval_blocks: int = 32
 
 
 def check_vocab(blocks: torch.Tensor, vocab_size: int, path: Path) -> None:

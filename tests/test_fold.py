@@ -249,3 +249,12 @@ def test_disk_full_mid_write_leaves_nothing(base_and_adapter, tmp_path):
     assert result.returncode == 1, result.stderr
     assert "writing failed" in result.stderr and "Traceback" not in result.stderr
     assert not out.exists() and list((tmp_path / "outdir").iterdir()) == []
+
+
+def test_fold_command_onnx_format(base_and_adapter, tmp_path):
+    root = base_and_adapter
+    result = _cli("fold", root / "base", root / "adapter", "--format", "onnx", "-o", tmp_path / "onnx")
+    assert result.returncode == 0, result.stderr
+    check = _cli("check", tmp_path / "onnx")
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert "merged[a0]_vs_torch" in check.stdout

@@ -125,3 +125,24 @@ def test_targets_equal_peft(target_modules):
     ours, theirs = (surgeon.get_peft_model(make_base("gpt2"), surgeon.LoraConfig(target_modules=target_modules)),
                     peft.get_peft_model(make_base("gpt2"), peft.LoraConfig(target_modules=target_modules)))
     assert set(ours.state_dict()) == set(peft.utils.get_peft_model_state_dict(theirs))
+
+
+def test_accelerate_prepare_and_train():
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=True)
+    ours, _ = twins("llama")
+    optimizer = torch.optim.AdamW([p for p in ours.parameters() if p.requires_grad], lr=1e-2)
+    loader = torch.utils.data.DataLoader(_Rows("llama", 8), batch_size=4, collate_fn=_collate)
+    model, optimizer, loader = accelerator.prepare(ours, optimizer, loader)
+    model.train()
+    losses = []
+    for _ in range(3):
+        for batch_ in loader:
+            loss = model(**batch_).loss
+            accelerator.backward(loss)
+            optimizer.step()
+            optimizer.zero_grad()
+            losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    assert set(accelerator.unwrap_model(model).state_dict()) == set(ours.adapter_state_dict())

@@ -19,8 +19,10 @@ Levers are prototyped here by patching surgeon from the outside (surgeon/ is not
 
 Step times are measured with the variants in ONE process, interleaved step by step (round
 robin), so that load from other processes hits every variant alike; the ratio column is what to
-read on a busy machine. Options: ``--variants`` (comma list), ``--steps 8``, ``--warmup 2``,
-``--threads``, ``--memory``, ``--quick``.
+read on a busy machine (with ``--threads 1`` the CPU-time ratio is the steadiest: no thread
+waits for a descheduled sibling). Options: ``--variants`` (comma list), ``--steps 8``, ``--warmup 2``,
+``--threads``, ``--memory``, ``--quick``. A variant written ``NAME#2`` is a second copy of NAME
+(an A/A pair shows the noise floor).
 """
 
 from __future__ import annotations
@@ -85,7 +87,7 @@ def build_variant(variant: str, name: str, quick: bool, batch: dict):
     """The model for ``variant``: PEFT or surgeon, with its lever applied."""
     import torch
 
-    tool, _, lever = variant.partition("+")
+    tool, _, lever = variant.split("#")[0].partition("+")  # "surgeon#2": a second copy, for an A/A check
     lib = __import__(tool)
     model = lib.get_peft_model(h.build_base(name, quick), lib.LoraConfig(task_type="CAUSAL_LM", **h.lora_kwargs(name)))
     model.train()
@@ -141,7 +143,7 @@ def interleaved(variants: list[str], args: argparse.Namespace) -> dict[str, dict
                 r["cpu"].append(dc)
             h.progress(f"[{v}] step {i + 1}/{args.warmup + args.steps}: {dt:.2f} s")
     return {v: {"step_s": h.median(r["wall"]), "step_cpu_s": h.median(r["cpu"]), "first_s": r["first_s"],
-                "loss_last": r["losses"][-1], "wall": r["wall"]} for v, r in runs.items()}
+                "loss_last": r["losses"][-1], "wall": r["wall"], "cpu": r["cpu"]} for v, r in runs.items()}
 
 
 def paired_ratio(a: list[float], b: list[float]) -> float:
@@ -151,10 +153,11 @@ def paired_ratio(a: list[float], b: list[float]) -> float:
 
 def print_time_table(results: dict[str, dict], args: argparse.Namespace) -> None:
     ref = results.get("peft")
-    print(f"{'variant':<22} {'step s':>8} {'CPU s':>8} {'vs peft':>8} {'first step s':>13} {'last loss':>10}")
+    print(f"{'variant':<22} {'step s':>8} {'CPU s':>8} {'vs peft (wall / CPU)':>21} {'first step s':>13} {'last loss':>10}")
     for v, r in results.items():
-        ratio = f"{paired_ratio(r['wall'], ref['wall']):.3f}x" if ref else "-"
-        print(f"{v:<22} {r['step_s']:>8.2f} {r['step_cpu_s']:>8.2f} {ratio:>8} {r['first_s']:>13.1f} {r['loss_last']:>10.4f}")
+        ratio = (f"{paired_ratio(r['wall'], ref['wall']):.3f}x / {paired_ratio(r['cpu'], ref['cpu']):.3f}x"
+                 if ref else "-")
+        print(f"{v:<22} {r['step_s']:>8.2f} {r['step_cpu_s']:>8.2f} {ratio:>21} {r['first_s']:>13.1f} {r['loss_last']:>10.4f}")
 
 
 # ---- memory: one subprocess per variant ------------------------------------------------------
@@ -163,7 +166,7 @@ def memory_worker(args: argparse.Namespace) -> int:
 
     torch.set_num_threads(args.threads)
     batch = h.make_batch(h.build_base(args.model, args.quick).config.vocab_size, args.batch, args.seq)
-    __import__(args.worker.partition("+")[0])
+    __import__(args.worker.split("#")[0].partition("+")[0])
     model = build_variant(args.worker, args.model, args.quick, batch)
     rss = h.rss_now_mb()
     h.reset_peak()
