@@ -95,7 +95,7 @@ def example_inputs(model: nn.Module, like: Mapping[str, Any] | None = None) -> d
             out[key] = value
             continue
         shape = (EXAMPLE_BATCH, EXAMPLE_SEQ)
-        if key == "input_ids":
+        if key in ("input_ids", "decoder_input_ids"):
             t = torch.randint(min(4, vocab - 1), vocab, shape, generator=g)
         elif key == "attention_mask":
             t = torch.ones(shape, dtype=torch.long)
@@ -124,6 +124,8 @@ def accepts(model: nn.Module, name: str) -> bool:
 def default_call(model: nn.Module) -> dict[str, Any]:
     """The plain training call: ids and mask (token types where used), no KV cache."""
     call: dict[str, Any] = {"input_ids": None, "attention_mask": None}
+    if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        call["decoder_input_ids"] = None
     if accepts(model, "use_cache"):
         call["use_cache"] = False
     return call

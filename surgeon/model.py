@@ -226,7 +226,13 @@ class SurgeonModel(AdapterIO, MergeOps, nn.Module):
 
 
 def _loss_kind(model: nn.Module) -> str:
-    """The key of ``model.loss_function`` in transformers' loss table ('' when it has none)."""
+    """The key of ``model.loss_function`` in transformers' loss table ('' when it has none).
+
+    Encoder-decoder models compute their own loss (in the graph): their ``loss_function`` falls back
+    to the causal-LM loss, whose label shift would be wrong for them.
+    """
+    if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        return ""
     try:
         from transformers.loss.loss_utils import LOSS_MAPPING
 

@@ -81,6 +81,44 @@ def build_base(name: str, quick: bool = False):
     return model.train()
 
 
+def build_from_config(cls_name: str, kwargs: dict[str, Any], dtype: str = "float32"):
+    """A seeded random-init causal LM from ``transformers.<cls_name>(**kwargs)`` in eval mode, in ``dtype``.
+
+    Built in fp32 (so both dtypes share the same values up to rounding), then cast.
+    """
+    import torch
+    import transformers
+
+    config = getattr(transformers, cls_name)(**kwargs)
+    torch.manual_seed(SEED)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    return model.to(getattr(torch, dtype)).eval()
+
+
+def other_benchmarks() -> list[str]:
+    """Command lines of other benchmark / pytest processes (not this one, its parent or children)."""
+    mine = {os.getpid(), os.getppid()}
+    try:
+        out = subprocess.run(["ps", "-eo", "pid=,ppid=,args="], stdout=subprocess.PIPE, text=True, check=False).stdout
+    except OSError:
+        return []
+    found = []
+    for line in out.splitlines():
+        pid, ppid, cmd = (line.split(None, 2) + ["", "", ""])[:3]
+        if not pid.isdigit() or int(pid) in mine or int(ppid) in mine or cmd.startswith(("ps ", "sh -c", "/bin/sh")):
+            continue
+        if any(k in cmd for k in ("bench_", "pytest", "train_tiny")):
+            found.append(cmd[:120])
+    return found
+
+
+def load_line() -> str:
+    """Load average and the other benchmark / pytest processes running now."""
+    others = other_benchmarks()
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    return f"load average {load}; other benchmark/pytest processes: " + ("; ".join(others) if others else "none")
+
+
 def lora_kwargs(name: str) -> dict[str, Any]:
     """Fields shared by ``surgeon.LoraConfig`` and ``peft.LoraConfig``."""
     return {**LORA, "target_modules": list(MODELS[name][3])}
