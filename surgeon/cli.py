@@ -198,10 +198,9 @@ def _adapter_names(adapter_dirs, names):
 @click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="Export directory.")
 @click.option("--name", "names", multiple=True, help="Adapter name per directory (default: the directory's name).")
 @click.option("--merged", is_flag=True, help="Fold the (single) adapter into the weights instead of switchable inputs.")
-@click.option("--kv-cache", is_flag=True, help="Export a decoder with past/present key-value inputs and outputs.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @friendly
-def export(model, adapter_dirs, output, names, merged, kv_cache, force):
+def export(model, adapter_dirs, output, names, merged, force):
     """Export MODEL with ADAPTER_DIRS to ONNX: adapter weights as inputs + .onnx_adapter files."""
     _quiet()
     from surgeon.hub import load_model
@@ -216,7 +215,7 @@ def export(model, adapter_dirs, output, names, merged, kv_cache, force):
     peft_model = SurgeonModel.from_pretrained(base, adapter_dirs[0], adapter_name=names[0])
     for name, directory in zip(names[1:], adapter_dirs[1:]):
         peft_model.load_adapter(directory, adapter_name=name)
-    out = export_onnx(peft_model, output, names, merged=merged, kv_cache=kv_cache, force=force,
+    out = export_onnx(peft_model, output, names, merged=merged, force=force,
                       source=_base_name(model),
                       adapter_sources=dict(zip(names, adapter_dirs)))
     what = f"merged adapter {names[0]}" if merged else f"adapters {', '.join(names)}"

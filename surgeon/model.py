@@ -12,7 +12,6 @@ import contextlib
 from collections.abc import Iterator
 from typing import Any
 
-import torch
 from torch import fx, nn
 
 from surgeon.capturing import accepts, capture, signature_of
@@ -22,6 +21,7 @@ from surgeon.layers import LoraLayer, SavedTensor
 from surgeon.matching import match
 from surgeon.merge import MergeOps
 from surgeon.model_io import AdapterIO
+from surgeon.passes.graph_copy import set_nested
 from surgeon.passes.lora import inject_lora
 
 # transformers loss types whose loss we compute outside the graph, and how to call them.
@@ -96,7 +96,7 @@ class SurgeonModel(AdapterIO, MergeOps, nn.Module):
     def _adopt(self, graph: fx.GraphModule) -> None:
         for name, module in graph.named_modules():
             if isinstance(module, (LoraLayer, SavedTensor)) and name not in self._registry():
-                _set_nested(self.adapter_modules, name, module)
+                set_nested(self.adapter_modules, name, module)
 
     def _set_bias_trainable(self, config: LoraConfig) -> None:
         if config.bias == "none":
@@ -244,16 +244,6 @@ def _loss_kind(model: nn.Module) -> str:
 
 def trainable_parameters_line(trainable: int, total: int) -> str:
     return f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"
-
-
-def _set_nested(root: nn.Module, dotted: str, module: nn.Module) -> None:
-    owner = root
-    *parents, leaf = dotted.split(".")
-    for part in parents:
-        if not hasattr(owner, part):
-            owner.add_module(part, nn.Module())
-        owner = getattr(owner, part)
-    owner.add_module(leaf, module)
 
 
 def get_peft_model(model: nn.Module, peft_config: LoraConfig, adapter_name: str = "default", **_: Any) -> SurgeonModel:

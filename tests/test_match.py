@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import surgeon
-from surgeon.errors import CaptureError, ConfigError, TargetNotFoundError, UnsupportedModuleError
+from surgeon.errors import CaptureError, TargetNotFoundError, UnsupportedModuleError
 from tests.conftest import make_base
 
 

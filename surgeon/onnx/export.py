@@ -48,14 +48,9 @@ class _Wrapper(nn.Module):
 
 
 def export_onnx(model, out_dir: str | os.PathLike, adapters: list[str] | None = None, *, merged: bool = False,
-                kv_cache: bool = False, force: bool = False, source: str | None = None, opset: int | None = None,
+                force: bool = False, source: str | None = None, opset: int | None = None,
                 adapter_names: dict[str, str] | None = None, adapter_sources: dict[str, str] | None = None) -> Path:
     """Write ``out_dir`` for a ``SurgeonModel``: switchable adapters, or ``merged=True`` for one folded adapter."""
-    if kv_cache:
-        from surgeon.onnx.decoder import export_decoder  # the KV-cache decoder has its own wrapper
-
-        return export_decoder(model, out_dir, adapters, force=force, source=source, opset=opset,
-                              adapter_names=adapter_names, adapter_sources=adapter_sources)
     names = list(adapters or model.peft_config)
     for name in names:
         model._known(name)

@@ -19,7 +19,7 @@ from surgeon.adapters import layer_attr
 from surgeon.errors import SurgeonError
 from surgeon.layers import LoraLayer, SavedTensor
 from surgeon.matching import SITE_OPS, graphs_of
-from surgeon.passes.graph_copy import copy_graph
+from surgeon.passes.graph_copy import copy_graph, fetch_attr, set_nested
 
 FOLDED_ROOT = "surgeon_folded"
 
@@ -89,7 +89,7 @@ def _fold_site(root: fx.GraphModule, sub: fx.GraphModule, gpath: str, branch: fx
     layer: LoraLayer = sub.get_submodule(branch.target)
     site = branch.args[1]
     w_node = site.args[SITE_OPS[site.target][1]]
-    weight = _fetch(sub, w_node.target)
+    weight = fetch_attr(sub, w_node.target)
     new_weight = merged_weight(weight, lora_delta(layer), layer.path)
     shared = [u for u in w_node.users if u is not site]
     if shared and layer.path not in tied_warned:
@@ -97,7 +97,7 @@ def _fold_site(root: fx.GraphModule, sub: fx.GraphModule, gpath: str, branch: fx
         warnings.warn(f"fold: {layer.path} shares its weight with other layers (tied embeddings); the fold unties it: "
                       "only this layer gets the merged weight", stacklevel=3)
     attr = f"{FOLDED_ROOT}.{layer_attr(layer.path).split('.', 1)[1]}.{site.name}"
-    _set_attr(sub, attr, nn.Parameter(new_weight, requires_grad=False))
+    set_nested(sub, attr, nn.Parameter(new_weight, requires_grad=False))
     with sub.graph.inserting_before(site):
         new_w = sub.graph.get_attr(attr)
     site.replace_input_with(w_node, new_w)
@@ -109,7 +109,7 @@ def _fold_site(root: fx.GraphModule, sub: fx.GraphModule, gpath: str, branch: fx
 def _freeze_saved(sub: fx.GraphModule, node: fx.Node) -> None:
     saved: SavedTensor = sub.get_submodule(node.target)
     attr = f"{FOLDED_ROOT}.{node.target.split('.', 1)[1]}"
-    _set_attr(sub, attr, nn.Parameter(saved().detach().clone(), requires_grad=False))
+    set_nested(sub, attr, nn.Parameter(saved().detach().clone(), requires_grad=False))
     with sub.graph.inserting_before(node):
         read = sub.graph.get_attr(attr)
     node.replace_all_uses_with(read)
@@ -124,9 +124,9 @@ def unfold(gm: fx.GraphModule) -> fx.GraphModule:
         site = next(n for n in sub.graph.nodes if n.name == site_info.node)
         w_node = site.args[SITE_OPS[site.target][1]]
         layer = site_info.layer
-        restored = merged_weight(_fetch(sub, w_node.target), lora_delta(layer), layer.path, sign=-1.0)
+        restored = merged_weight(fetch_attr(sub, w_node.target), lora_delta(layer), layer.path, sign=-1.0)
         attr = f"{FOLDED_ROOT}.restored.{layer_attr(layer.path).split('.', 1)[1]}.{site.name}"
-        _set_attr(sub, attr, nn.Parameter(restored, requires_grad=False))
+        set_nested(sub, attr, nn.Parameter(restored, requires_grad=False))
         with sub.graph.inserting_before(site):
             w = sub.graph.get_attr(attr)
         site.replace_input_with(w_node, w)
@@ -145,18 +145,3 @@ def unfold(gm: fx.GraphModule) -> fx.GraphModule:
         sub.recompile()
     new.meta["surgeon_folded"] = ()
     return new
-
-
-def _fetch(gm: fx.GraphModule, target: str) -> torch.Tensor:
-    owner, _, name = target.rpartition(".")
-    return getattr(gm.get_submodule(owner) if owner else gm, name)
-
-
-def _set_attr(gm: fx.GraphModule, dotted: str, value: torch.Tensor) -> None:
-    owner = gm
-    *parents, leaf = dotted.split(".")
-    for part in parents:
-        if not hasattr(owner, part):
-            owner.add_module(part, nn.Module())
-        owner = getattr(owner, part)
-    owner.register_parameter(leaf, value)

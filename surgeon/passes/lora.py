@@ -18,7 +18,7 @@ from surgeon.config import LoraConfig
 from surgeon.errors import AdapterError
 from surgeon.layers import LoraAdapter, LoraLayer, SavedTensor
 from surgeon.matching import SITE_OPS, Match, graphs_of, match, module_path_of
-from surgeon.passes.graph_copy import copy_graph, node_named, subgraph
+from surgeon.passes.graph_copy import copy_graph, fetch_attr, node_named, subgraph
 
 
 def inject_lora(gm: fx.GraphModule, config: LoraConfig, adapter_name: str = "default", *,
@@ -75,7 +75,7 @@ def _site_weight(gm: fx.GraphModule, site) -> torch.Tensor:
     sub = subgraph(gm, site.graph_path)
     node = node_named(sub, site.node)
     w = node.args[SITE_OPS[node.target][1]]
-    return _fetch(sub, w.target)
+    return fetch_attr(sub, w.target)
 
 
 def _wrap_site(sub: fx.GraphModule, node_name: str, attr: str, layer: LoraLayer) -> int:
@@ -110,7 +110,7 @@ def _redirect_saved(gm: fx.GraphModule, found: Match, adapter_name: str, reuse: 
                 attr = saved_attr(key)
                 saved = _existing(sub, attr) or _existing(gm, attr) or reuse.get(attr)
                 if saved is None:
-                    saved = SavedTensor(key, _fetch(sub, arg.target))
+                    saved = SavedTensor(key, fetch_attr(sub, arg.target))
                 _add_copy(saved, adapter_name)
                 if _existing(sub, attr) is None:
                     sub.add_submodule(attr, saved)
@@ -129,11 +129,6 @@ def _add_copy(saved: SavedTensor, adapter_name: str) -> None:
         saved.add(adapter_name)
     if not saved.active:
         saved.active = (adapter_name,)
-
-
-def _fetch(gm: fx.GraphModule, target: str) -> torch.Tensor:
-    owner, _, name = target.rpartition(".")
-    return getattr(gm.get_submodule(owner) if owner else gm, name)
 
 
 def _count_nodes(gm: fx.GraphModule) -> int:
