@@ -35,6 +35,7 @@ import argparse
 import gc
 import importlib
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -85,44 +86,63 @@ def adapter_bytes(model, tool: str) -> int:
     return sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "lora_" in n)
 
 
-def fold_runs(model, repeats: int, label: str) -> tuple[list[float], float]:
-    """Seconds of ``surgeon.fold(graph)`` per repeat, and max |W' - W| of the first fold (nonzero B check)."""
+def fold_runs(model, repeats: int, label: str) -> tuple[list[float], dict]:
+    """Seconds of ``surgeon.fold(graph)`` per repeat, and the first fold's check (``fold_check``)."""
     import surgeon
     from surgeon.capturing import example_inputs
 
     graph = model.graph_for(**example_inputs(model.base))
-    times, changed = [], float("nan")
+    times, check = [], {}
     for k in range(repeats):
         gc.collect()
         folded, dt = h.timed(lambda: surgeon.fold(graph))
         times.append(dt)
         if k == 0:
-            changed = max_folded_change(folded, model)
+            check = fold_check(folded, model)
         del folded
         h.progress(f"{label} fold {k + 1}/{repeats}: {dt:.3f} s")
-    return times, changed
+    return times, check
 
 
-def max_folded_change(folded, model) -> float:
+def expected_weight(model, tool: str, path: str, original):
+    """``W + scale * B @ A`` for one target, the plain way (fp32, cast once to W's dtype)."""
+    if tool == "surgeon":
+        layer = next(x for x in model._lora_layers() if x.path == path)
+        ad = layer.adapters["default"]
+        d = (ad.lora_B.detach().float() @ ad.lora_A.detach().float()) * ad.scale
+        d = d if layer.kind == "linear" else d.t()
+    else:
+        m = model.base_model.model.get_submodule(path)
+        d = (m.lora_B["default"].weight.detach().float() @ m.lora_A["default"].weight.detach().float()) * m.scaling["default"]
+        d = d.t() if m.fan_in_fan_out else d
+    return (original.float() + d).to(original.dtype)
+
+
+def diffs(new, original, expected) -> dict:
+    """max |W' - W| (nonzero: B is nonzero) and max |W' - expected| (the merge is right)."""
+    return {"change": (new.float() - original.float()).abs().max().item(),
+            "error": (new.float() - expected.float()).abs().max().item()}
+
+
+def fold_check(folded, model) -> dict:
     from surgeon.passes.fold import FOLDED_ROOT
 
-    new = {n: p for n, p in folded.named_parameters() if n.startswith(FOLDED_ROOT)}
     site = folded.meta["surgeon_folded"][0]
-    w = getattr(model.base.get_submodule(site.layer.path), "weight")
-    mine = next(p for n, p in new.items() if n.endswith("." + site.node))
-    return (mine.float() - w.float()).abs().max().item()
+    w = model.base.get_submodule(site.layer.path).weight
+    mine = next(p for n, p in folded.named_parameters() if n.startswith(FOLDED_ROOT) and n.endswith("." + site.node))
+    return diffs(mine, w, expected_weight(model, "surgeon", site.layer.path, w.detach()))
 
 
 def worker(args: argparse.Namespace) -> int:
+    tool = "surgeon" if args.worker.startswith("surgeon") else "peft"
+    if tool == "surgeon":
+        apply_variant(args.worker)  # first: the thp lever sets an environment variable torch reads once
     import torch
     import transformers
 
     transformers.logging.set_verbosity_error()
     torch.set_num_threads(args.threads)
-    tool = "surgeon" if args.worker.startswith("surgeon") else "peft"
     importlib.import_module(tool)
-    if tool == "surgeon":
-        apply_variant(args.worker)
     label = f"[{args.worker} {args.model} {args.dtype}]"
     h.progress(f"{label} building the base model")
     base, build_s = h.timed(lambda: build(args.model, args.dtype, args.quick))
@@ -132,7 +152,7 @@ def worker(args: argparse.Namespace) -> int:
               "params": sum(p.numel() for p in base.parameters()), "build_s": build_s, "targets": len(weights),
               "target_params": sum(w.numel() for w in weights.values()),
               "weight_bytes": sum(w.numel() * w.element_size() for w in weights.values())}
-    merges, wraps, changes = [], [], []
+    merges, wraps = [], []
     for k in range(args.repeat):
         if k:
             restore(weights, originals)
@@ -144,15 +164,17 @@ def worker(args: argparse.Namespace) -> int:
             result["lora_layers"] = sum(1 for n, p in model.named_parameters() if "lora_A" in n)
             result["adapter_bytes"] = adapter_bytes(model, tool)
             if tool == "surgeon":
-                result["fold_s"], result["fold_change"] = fold_runs(model, args.repeat, label)
+                result["fold_s"], result["fold_check"] = fold_runs(model, args.repeat, label)
+        first = next(iter(weights))
+        expected = expected_weight(model, tool, first, originals[first]) if k == 0 else None
         gc.collect()
         merged, dt = h.timed(model.merge_and_unload)
         merges.append(dt)
-        first = next(iter(weights))
-        changes.append((merged.get_submodule(first).weight.float() - originals[first].float()).abs().max().item())
+        if k == 0:
+            result["merge_check"] = diffs(merged.get_submodule(first).weight, originals[first], expected)
         h.progress(f"{label} merge_and_unload {k + 1}/{args.repeat}: {dt:.3f} s (wrap {wrap_s:.2f} s)")
         del model, merged
-    result.update({"merge_s": merges, "wrap_s": wraps, "merge_change": min(changes)})
+    result.update({"merge_s": merges, "wrap_s": wraps})
     result["breakdown"] = breakdown(tool, base, weights, originals, args)
     h.emit(result)
     return 0
@@ -231,39 +253,44 @@ def verdict(ok: bool) -> str:
 
 
 def print_tables(args, bw: dict, results: dict, tools: list[str], start: str) -> None:
-    bwb = bw["touched_gbs"] * 1e9
+    bwb, fresh = bw["touched_gbs"] * 1e9, bw["fresh_gbs"] * 1e9
     print(start)
     print(f"end: {h.load_line()}")
     print(f"copy bandwidth (read + written bytes / s, {bw['bytes'] / 2**30:.2g} GiB fp32 copy_, median of 7, "
-          f"{bw['threads']} threads): {bw['touched_gbs']:.2f} GB/s into a touched dst, {bw['fresh_gbs']:.2f} GB/s into a "
-          f"freshly allocated dst")
+          f"{bw['threads']} threads): {bw['touched_gbs']:.2f} GB/s into a touched dst (the floor), "
+          f"{bw['fresh_gbs']:.2f} GB/s into a freshly allocated dst (page faults; 'x fresh'), "
+          f"{bw['thp']['fresh_gbs']:.2f} GB/s fresh with THP_MEM_ALLOC_ENABLE=1")
     print(f"workload: LoRA r={LORA['r']} alpha={LORA['lora_alpha']} init_lora_weights=False, median of "
-          f"{args.repeat} (llama1b: {min(args.repeat, 3)}) per tool{' [--quick: tiny configs]' if args.quick else ''}")
-    head = (f"{'model':<18} {'dtype':<9} {'tool':<26} {'call':<18} {'median s':>9} {'min s':>8} {'floor s':>8} "
-            f"{'x floor':>8} {'x PEFT':>7}")
+          f"{args.repeat} (llama1b: {min(args.repeat, 3)}) per tool{' [--quick: tiny configs]' if args.quick else ''}; "
+          "floor = (targeted W read + written + A,B read) bytes / bandwidth; |W'-W|: the merge changed the weight; "
+          "err: max |W' - (W + scale*B@A in fp32, cast once)| of the first target")
+    head = (f"{'model':<18} {'dtype':<9} {'tool':<20} {'call':<17} {'median s':>9} {'min s':>8} {'floor s':>8} "
+            f"{'x floor':>8} {'x fresh':>8} {'x PEFT':>7} {'|W-W|':>7} {'err':>8}")
     print(head)
     print("-" * len(head))
     for (name, dtype), rows in results.items():
         ref = rows["peft"]
-        floor = (2 * ref["weight_bytes"] + ref["adapter_bytes"]) / bwb
+        nbytes = 2 * ref["weight_bytes"] + ref["adapter_bytes"]
+        floor = nbytes / bwb
         peft_s = h.median(ref["merge_s"])
         model = f"{name} ({ref['params'] / 1e6:.1f}M)"
         lines = []
         for tool in tools:
             r = rows[tool]
-            calls = [("merge_and_unload", r["merge_s"])] + ([("fold(graph)", r["fold_s"])] if "fold_s" in r else [])
-            for call, xs in calls:
+            calls = [("merge_and_unload", r["merge_s"], r["merge_check"])]
+            calls += [("fold(graph)", r["fold_s"], r["fold_check"])] if "fold_s" in r else []
+            for call, xs, check in calls:
                 med = h.median(xs)
-                print(f"{model:<18} {dtype:<9} {tool:<26} {call:<18} {med:>9.3f} {min(xs):>8.3f} {floor:>8.3f} "
-                      f"{med / floor:>8.1f} {med / peft_s:>7.2f}")
+                print(f"{model:<18} {dtype:<9} {tool:<20} {call:<17} {med:>9.3f} {min(xs):>8.3f} {floor:>8.3f} "
+                      f"{med / floor:>8.1f} {med / (nbytes / fresh):>8.1f} {med / peft_s:>7.2f} "
+                      f"{check['change']:>7.3f} {check['error']:>8.2g}")
                 if tool != "peft":
                     lines.append(f"  {tool} {call}: {med / peft_s:.2f}x PEFT (goal <= {GOAL_VS_PEFT}x: "
                                  f"{verdict(med / peft_s <= GOAL_VS_PEFT)}), {med / floor:.1f}x floor (goal <= "
                                  f"{GOAL_VS_FLOOR:g}x: {verdict(med / floor <= GOAL_VS_FLOOR)})")
         print(f"{'':<18} {ref['targets']} targeted modules, {ref['target_params'] / 1e6:.1f}M weights "
               f"({ref['weight_bytes'] / 1e6:.0f} MB) + A,B {ref['adapter_bytes'] / 1e6:.1f} MB; "
-              f"LoRA layers surgeon {rows[tools[0]]['lora_layers']} / PEFT {ref['lora_layers']}; "
-              f"max |W'-W| surgeon {rows[tools[0]]['merge_change']:.3g} / PEFT {ref['merge_change']:.3g}")
+              f"LoRA layers surgeon {rows[tools[0]]['lora_layers']} / PEFT {ref['lora_layers']}")
         for line in lines:
             print(line)
     print()
@@ -299,6 +326,11 @@ def parent(args: argparse.Namespace) -> int:
     common = ["--threads", str(args.threads)] + (["--quick"] if args.quick else []) + (["--profile"] if args.profile else [])
     h.progress("== copy bandwidth")
     bw = h.run_worker(__file__, ["--worker", "bandwidth", *common])
+    os.environ["THP_MEM_ALLOC_ENABLE"] = "1"
+    try:
+        bw["thp"] = h.run_worker(__file__, ["--worker", "bandwidth", *common])
+    finally:
+        os.environ.pop("THP_MEM_ALLOC_ENABLE")
     results = {}
     for name in models:
         for dtype in dtypes:

@@ -18,12 +18,109 @@ import sys
 import time
 
 # ---- prototype levers (surgeon patched from the outside; surgeon/ is not edited) -------------
-def _inplace_merge_adapter(self, adapter_names=None, safe_merge=False):
-    """``merge_adapter`` as PEFT does it: ``W += delta`` in place (fp32 math), one finiteness check on the delta,
-    and the weight owners found once (not one ``named_parameters`` walk per layer)."""
+CHUNK_ELEMENTS = 1 << 18  # rows per chunk: about 1 MiB of fp32, so the fp32 sum and its check stay in cache
+
+
+def _fused_lora_delta(layer, names=None):
+    """``lora_delta`` with the scale applied in place (``mm(B, A).mul_(scale)``): one full-size temporary fewer."""
     import torch
 
-    from surgeon.passes.fold import FoldError, lora_delta
+    delta = None
+    for name in names if names is not None else layer.active:
+        if name not in layer.adapters:
+            continue
+        ad = layer.adapters[name]
+        d = torch.mm(ad.lora_B.detach().float(), ad.lora_A.detach().float()).mul_(ad.scale)
+        delta = d if delta is None else delta.add_(d)
+    if delta is None:
+        return None
+    return delta if layer.kind == "linear" else delta.t()
+
+
+def _fused_merged_weight(weight, delta, where, *, sign=1.0):
+    """``merged_weight`` as one ``torch.add(W, delta, alpha=sign)``: W is promoted to fp32 inside the kernel (no
+    ``W.float()`` copy, no ``sign * delta`` temporary), and the cast is skipped for fp32."""
+    import torch
+
+    from surgeon.passes.fold import FoldError
+
+    if delta is None:
+        return weight.detach().clone()
+    out = torch.add(weight.detach(), delta.to(weight.device), alpha=sign)
+    if not torch.isfinite(out).all():
+        raise FoldError(f"folding the adapter into {where} gives NaN/Inf values")
+    return out if out.dtype == weight.dtype else out.to(weight.dtype)
+
+
+class LowRank:
+    """What ``lora_delta`` returns in the chunked lever: the factors, not the [out, in] product."""
+
+    def __init__(self, layer, names):
+        self.kind = layer.kind
+        self.parts = [(layer.adapters[n].lora_B.detach().float(), layer.adapters[n].lora_A.detach().float(),
+                       layer.adapters[n].scale) for n in (names if names is not None else layer.active)
+                      if n in layer.adapters]
+
+    def add_rows(self, out, start: int, stop: int, sign: float):
+        """``out += sign * delta[start:stop]`` (``out`` fp32, rows of the weight's layout) via addmm."""
+        import torch
+
+        for b, a, scale in self.parts:
+            if self.kind == "linear":  # W [out, in]: rows of B
+                torch.addmm(out, b[start:stop], a, alpha=sign * scale, out=out)
+            else:  # conv1d [in, out] / embedding [num, dim]: W = (B @ A)^T, rows are columns of A
+                torch.addmm(out, a[:, start:stop].t(), b.t(), alpha=sign * scale, out=out)
+        return out
+
+
+def _lowrank_delta(layer, names=None):
+    low = LowRank(layer, names)
+    return low if low.parts else None
+
+
+def _write_merged(weight, low, dst, where, sign: float) -> None:
+    """``dst = weight + sign * delta`` row chunk by row chunk: fp32 addmm into a cache-sized chunk, NaN/Inf check
+    of the chunk, one cast/copy into ``dst`` (``dst`` may be ``weight`` itself: in place)."""
+    import torch
+
+    from surgeon.passes.fold import FoldError
+
+    rows = max(1, CHUNK_ELEMENTS // max(1, weight[0].numel()))
+    for i in range(0, weight.shape[0], rows):
+        j = min(i + rows, weight.shape[0])
+        part = low.add_rows(weight[i:j].to(torch.float32, copy=True), i, j, sign)
+        if not bool(torch.isfinite(part).all()):
+            if dst is weight and i:  # roll back the rows already written (in place)
+                _write_merged_rows_back(weight, low, i, sign)
+            raise FoldError(f"folding the adapter into {where} gives NaN/Inf values")
+        dst[i:j].copy_(part)
+
+
+def _write_merged_rows_back(weight, low, stop: int, sign: float) -> None:
+    import torch
+
+    part = low.add_rows(weight[:stop].to(torch.float32, copy=True), 0, stop, -sign)
+    weight[:stop].copy_(part)
+
+
+def _chunked_merged_weight(weight, delta, where, *, sign=1.0):
+    """``merged_weight`` into a new tensor of W's dtype, without a full-size delta or fp32 temporary."""
+    import torch
+
+    if delta is None:
+        return weight.detach().clone()
+    if not isinstance(delta, LowRank):
+        return _fused_merged_weight(weight, delta, where, sign=sign)
+    w = weight.detach()
+    out = torch.empty_like(w, memory_format=torch.contiguous_format)
+    _write_merged(w, delta, out, where, sign)
+    return out
+
+
+def _chunked_merge_adapter(self, adapter_names=None, safe_merge=False):
+    """``merge_adapter`` writing ``W + scale * B @ A`` into W in place, chunk by chunk (``_write_merged``), and
+    finding tied weights in one ``named_parameters`` walk instead of one walk per layer."""
+    import torch
 
     names = tuple(adapter_names or self.active_adapters)
     for name in names:
@@ -35,16 +132,34 @@ def _inplace_merge_adapter(self, adapter_names=None, safe_merge=False):
         if todo:
             key = f"{layer.path}.weight"
             plan.append((layer, todo, self._own_param(key) if key in shared else _param(self.base, key)))
-    deltas = {}
-    for layer, todo, w in plan:
-        d = lora_delta(layer, todo)
-        if not torch.isfinite(d).all():  # delta finite and W finite -> W + delta finite unless it overflows W's dtype
-            raise FoldError(f"folding the adapter into {layer.path}: the adapter weights are non-finite")
-        deltas[layer.path] = d
-    for layer, todo, w in plan:
+    if safe_merge:  # check every layer before writing any (one chunk at a time: no extra memory)
+        for layer, todo, w in plan:
+            _check_only(w.detach(), _lowrank_delta(layer, todo), layer.path)
+    done = []
+    try:
         with torch.no_grad():
-            w.add_(deltas.pop(layer.path))  # fp32 delta into W: computed in fp32, rounded once to W's dtype
-        layer.merged += todo
+            for layer, todo, w in plan:
+                _write_merged(w.data, _lowrank_delta(layer, todo), w.data, layer.path, 1.0)
+                layer.merged += todo
+                done.append((layer, todo, w))
+    except Exception:
+        with torch.no_grad():
+            for layer, todo, w in done:
+                _write_merged(w.data, _lowrank_delta(layer, todo), w.data, layer.path, -1.0)
+                layer.merged = tuple(n for n in layer.merged if n not in todo)
+        raise
+
+
+def _check_only(weight, low, where) -> None:
+    import torch
+
+    from surgeon.passes.fold import FoldError
+
+    rows = max(1, CHUNK_ELEMENTS // max(1, weight[0].numel()))
+    for i in range(0, weight.shape[0], rows):
+        j = min(i + rows, weight.shape[0])
+        if not bool(torch.isfinite(low.add_rows(weight[i:j].to(torch.float32, copy=True), i, j, 1.0)).all()):
+            raise FoldError(f"folding the adapter into {where} gives NaN/Inf values")
 
 
 def _shared_params(base) -> set[str]:
@@ -63,65 +178,31 @@ def _param(base, key: str):
     return getattr(base.get_submodule(owner), leaf)
 
 
-def _fused_merged_weight(weight, delta, where, *, sign=1.0):
-    """``merged_weight`` with one fp32 temporary fewer: ``torch.add(W, delta, alpha=sign)`` promotes W to fp32
-    inside the kernel (no ``W.float()`` copy), the NaN/Inf check reads the result once, the cast is skipped for fp32."""
-    import torch
-
-    from surgeon.passes.fold import FoldError
-
-    if delta is None:
-        return weight.detach().clone()
-    out = torch.add(weight.detach(), delta.to(weight.device), alpha=sign)  # fp32 (type promotion with the fp32 delta)
-    if not torch.isfinite(out).all():
-        raise FoldError(f"folding the adapter into {where} gives NaN/Inf values")
-    return out if out.dtype == weight.dtype else out.to(weight.dtype)
-
-
-def _chunked_merged_weight(weight, delta, where, *, sign=1.0):
-    """``merged_weight`` computed into a new tensor of W's dtype, ``chunk`` rows at a time: the fp32 sum and the
-    NaN/Inf check stay in cache (one read of W, one write of W'; no full-size fp32 temporary)."""
-    import torch
-
-    from surgeon.passes.fold import FoldError
-
-    if delta is None:
-        return weight.detach().clone()
-    w, d = weight.detach(), delta.to(weight.device)
-    out = torch.empty_like(w, memory_format=torch.contiguous_format)
-    rows = max(1, (1 << 18) // max(1, w.shape[-1]))  # ~1 MiB of fp32 per chunk
-    bad = False
-    for i in range(0, w.shape[0], rows):
-        part = torch.add(w[i:i + rows], d[i:i + rows], alpha=sign)
-        bad |= not bool(torch.isfinite(part).all())
-        out[i:i + rows].copy_(part)
-    if bad:
-        raise FoldError(f"folding the adapter into {where} gives NaN/Inf values")
-    return out
-
-
 def apply_variant(variant: str) -> None:
-    """Patch surgeon for ``variant`` (names in ``VARIANTS``)."""
-    import surgeon.merge
-    import surgeon.passes.fold
+    """Patch surgeon for ``variant`` (a key of ``VARIANTS``); ``thp`` must be applied before torch is imported."""
+    import os
 
     parts = set(variant.split("+")) - {"surgeon"}
-    if "inplace" in parts:
-        surgeon.merge.MergeOps.merge_adapter = _inplace_merge_adapter
+    if "thp" in parts:
+        os.environ["THP_MEM_ALLOC_ENABLE"] = "1"  # c10's CPU allocator: madvise(MADV_HUGEPAGE) on large blocks
+    import surgeon.merge as sm
+    import surgeon.passes.fold as sf
+
     if "fused" in parts:
-        surgeon.passes.fold.merged_weight = _fused_merged_weight
-        surgeon.merge.merged_weight = _fused_merged_weight
+        sf.lora_delta = sm.lora_delta = _fused_lora_delta
+        sf.merged_weight = sm.merged_weight = _fused_merged_weight
     if "chunked" in parts:
-        surgeon.passes.fold.merged_weight = _chunked_merged_weight
-        surgeon.merge.merged_weight = _chunked_merged_weight
+        sf.lora_delta = sm.lora_delta = _lowrank_delta
+        sf.merged_weight = sm.merged_weight = _chunked_merged_weight
+        sm.MergeOps.merge_adapter = _chunked_merge_adapter
 
 
 VARIANTS = {
     "surgeon": "surgeon as it is",
-    "surgeon+fused": "merged_weight: torch.add(W, delta) (no W.float() copy, no cast for fp32)",
-    "surgeon+chunked": "merged_weight: chunked fp32 add + check into a new W-dtype tensor (no full-size temporaries)",
-    "surgeon+inplace": "merge_adapter: W.add_(delta) in place, check the delta only, one tie scan",
-    "surgeon+inplace+chunked": "both: in-place merge (merge_and_unload) and chunked merged_weight (fold)",
+    "surgeon+fused": "lora_delta: mm(B, A).mul_(scale); merged_weight: torch.add(W, delta, alpha=sign) (2 temporaries fewer)",
+    "surgeon+chunked": "lora_delta returns the factors; W + scale*B@A by addmm in ~1 MiB row chunks (check per chunk), "
+                       "new tensor for fold, in place for merge_adapter; one tie scan",
+    "surgeon+chunked+thp": "surgeon+chunked with THP_MEM_ALLOC_ENABLE=1 (huge pages: fewer page faults on new tensors)",
 }
 
 

@@ -1,0 +1,27 @@
+"""README's Python examples run as written (the front door must not rot)."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def python_blocks():
+    return re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+
+
+def test_quickstart_runs_as_written(tmp_path, capsys):
+    quickstart = python_blocks()[0]
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        exec(compile(quickstart, "README.md quickstart", "exec"), {"__name__": "__readme__"})
+    finally:
+        os.chdir(cwd)
+    printed = capsys.readouterr().out
+    documented = re.search(r"# (trainable params: .*?)   ", quickstart).group(1)
+    assert documented in printed
+    assert (tmp_path / "runs" / "quicktour" / "adapter_model.safetensors").is_file()
