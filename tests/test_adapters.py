@@ -140,6 +140,19 @@ def test_unknown_and_duplicate_adapter_names(two_adapters):
         model.add_adapter("b", surgeon.LoraConfig(target_modules=["q_proj"]))
 
 
+def test_new_signature_with_two_adapters_on_the_same_modules():
+    model = surgeon.get_peft_model(make_base("llama"), surgeon.LoraConfig(target_modules=["q_proj"], init_lora_weights=False))
+    model.add_adapter("b", surgeon.LoraConfig(target_modules=["q_proj"], init_lora_weights=False))
+    model.eval()
+    x = inputs("llama")
+    with torch.no_grad():
+        with_mask = model(**x).logits
+        without = model(input_ids=x["input_ids"]).logits  # replays both adapters onto a new capture
+        model.set_adapter("b")
+        b_without = model(input_ids=x["input_ids"]).logits
+    assert torch.allclose(with_mask, without, atol=1e-6) and not torch.allclose(without, b_without)
+
+
 def test_second_signature_shares_adapters(two_adapters):
     reference, model = two_adapters
     x = inputs("llama")

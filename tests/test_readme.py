@@ -25,3 +25,14 @@ def test_quickstart_runs_as_written(tmp_path, capsys):
     documented = re.search(r"# (trainable params: .*?)   ", quickstart).group(1)
     assert documented in printed
     assert (tmp_path / "runs" / "quicktour" / "adapter_model.safetensors").is_file()
+
+
+def test_example_deploy_switchable_runs(tmp_path):
+    import subprocess
+    import sys
+
+    script = README.parent / "examples" / "deploy_switchable.py"
+    result = subprocess.run([sys.executable, str(script), "--steps", "2", "--out", str(tmp_path / "ex")],
+                            capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "adapter=shiplog" in result.stdout and "adapter=(none)" in result.stdout

@@ -38,7 +38,7 @@ def inject_lora(gm: fx.GraphModule, config: LoraConfig, adapter_name: str = "def
     for target in found.targets:
         attr = layer_attr(target.path)
         layer = _existing(new, attr)
-        if layer is not None and adapter_name in layer.adapters:
+        if layer is not None and adapter_name in layer.adapters and reuse.get(attr) is not layer:
             raise AdapterError(f"adapter {adapter_name!r} already exists at {target.path}; pick another name or delete it first")
         layer = layer or reuse.get(attr) or LoraLayer(target.path, target.kind, target.in_features, target.out_features)
         if adapter_name not in layer.adapters:  # a reused layer may carry it already (another signature's graph)
