@@ -16,7 +16,7 @@ from torch import nn
 from surgeon.config import LoraConfig
 from surgeon.errors import AdapterError
 from surgeon.layers import LoraLayer, SavedTensor
-from surgeon.passes.fold import lora_delta, merged_weight
+from surgeon.passes.fold import write_merged
 
 
 class MergeOps:
@@ -30,33 +30,37 @@ class MergeOps:
         names = tuple(adapter_names or self.active_adapters)
         for name in names:
             self._known(name)
+        shared = _shared_names(self.base)  # one walk for tied weights, not one per layer
         plan = []
         for layer in self._lora_layers():
             todo = tuple(n for n in names if n in layer.adapters and n not in layer.merged)
             if todo:
-                plan.append((layer, todo, self._own_weight(layer.path)))
-        if safe_merge:  # check every merged weight before writing any (one at a time: no extra memory)
+                plan.append((layer, todo, self._own_weight(layer.path, shared)))
+        if safe_merge:  # check every merged weight before writing any (chunk by chunk: no extra memory)
             for layer, todo, w in plan:
-                merged_weight(w, lora_delta(layer, todo), layer.path)
+                write_merged(w, layer, todo, check_only=True)
         done = []
-        try:
-            for layer, todo, w in plan:
-                w.data.copy_(merged_weight(w, lora_delta(layer, todo), layer.path))
-                layer.merged += todo
-                done.append((layer, todo, w))
-        except Exception:
-            for layer, todo, w in done:  # roll back (within fp32 rounding; safe_merge never gets here)
-                w.data.copy_(merged_weight(w, lora_delta(layer, todo), layer.path, sign=-1.0))
-                layer.merged = tuple(n for n in layer.merged if n not in todo)
-            raise
+        with torch.no_grad():
+            try:
+                for layer, todo, w in plan:
+                    write_merged(w.data, layer, todo, dst=w.data)  # in place, W read and written once
+                    layer.merged += todo
+                    done.append((layer, todo, w))
+            except Exception:
+                for layer, todo, w in done:  # roll back (within fp32 rounding; safe_merge never gets here)
+                    write_merged(w.data, layer, todo, dst=w.data, sign=-1.0)
+                    layer.merged = tuple(n for n in layer.merged if n not in todo)
+                raise
 
     def unmerge_adapter(self) -> None:
         """Subtract every merged adapter from the base weights again (exact within fp32 rounding)."""
-        for layer in self._lora_layers():
-            if layer.merged:
-                w = self._own_weight(layer.path)
-                w.data.copy_(merged_weight(w, lora_delta(layer, layer.merged), layer.path, sign=-1.0))
-                layer.merged = ()
+        shared = _shared_names(self.base)
+        with torch.no_grad():
+            for layer in self._lora_layers():
+                if layer.merged:
+                    w = self._own_weight(layer.path, shared)
+                    write_merged(w.data, layer, layer.merged, dst=w.data, sign=-1.0)
+                    layer.merged = ()
 
     def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False,
                          adapter_names: list[str] | None = None) -> nn.Module:
@@ -76,11 +80,13 @@ class MergeOps:
         self.unmerge_adapter()
         return self.base
 
-    def _own_param(self, param_path: str) -> nn.Parameter:
+    def _own_param(self, param_path: str, shared: set[str] | None = None) -> nn.Parameter:
         """The base parameter at ``param_path``, untied from any other module that shares it."""
         owner_path, _, leaf = param_path.rpartition(".")
         owner = self.base.get_submodule(owner_path)
         param = getattr(owner, leaf)
+        if shared is not None and param_path not in shared:
+            return param
         sharers = [n for n, p in self.base.named_parameters(remove_duplicate=False) if p is param and n != param_path]
         if sharers:
             warnings.warn(f"merge: {param_path} is tied to {', '.join(sharers)}; untying it so only {owner_path} changes",
@@ -92,8 +98,8 @@ class MergeOps:
             self._graphs.clear()  # captured graphs read the old shared tensor: capture again on next use
         return param
 
-    def _own_weight(self, module_path: str) -> nn.Parameter:
-        return self._own_param(f"{module_path}.weight")
+    def _own_weight(self, module_path: str, shared: set[str] | None = None) -> nn.Parameter:
+        return self._own_param(f"{module_path}.weight", shared)
 
     def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str,
                              combination_type: str = "cat", svd_rank: int | None = None) -> None:
@@ -123,6 +129,18 @@ class MergeOps:
                 target = layer.adapters[adapter_name]
                 target.lora_A.copy_(a)
                 target.lora_B.copy_(b)
+
+
+def _shared_names(base: nn.Module) -> set[str]:
+    """Names of parameters that another module holds too (tied weights), in one walk."""
+    seen: dict[int, str] = {}
+    shared: set[str] = set()
+    for name, p in base.named_parameters(remove_duplicate=False):
+        if id(p) in seen:
+            shared.update((name, seen[id(p)]))
+        else:
+            seen[id(p)] = name
+    return shared
 
 
 def _combine(pairs, combination_type: str, svd_rank: int | None):

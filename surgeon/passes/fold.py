@@ -52,6 +52,49 @@ def lora_delta(layer: LoraLayer, names: tuple[str, ...] | None = None) -> torch.
     return delta if layer.kind == "linear" else delta.t()  # conv1d [in, out], embedding [num, dim]
 
 
+CHUNK_ELEMENTS = 1 << 19  # ~2 MiB of fp32 per row chunk: the sum and its check stay in cache
+
+
+def _factors(layer: LoraLayer, names: tuple[str, ...] | None):
+    return [(a.lora_B[:, : a.r].detach().float(), a.lora_A[: a.r].detach().float(), float(a.scaling))
+            for n in (names if names is not None else layer.active) if n in layer.adapters
+            for a in (layer.adapters[n],)]
+
+
+def _add_rows(out: torch.Tensor, factors, kind: str, start: int, stop: int, sign: float) -> torch.Tensor:
+    """``out += sign * delta[start:stop]`` in the weight's layout, by addmm (no full-size delta)."""
+    for b, a, scale in factors:
+        if kind == "linear":  # W [out, in]: rows of B
+            torch.addmm(out, b[start:stop], a, alpha=sign * scale, out=out)
+        else:  # conv1d [in, out] and embedding [num, dim] hold (B @ A)^T: rows are columns of A
+            torch.addmm(out, a[:, start:stop].t(), b.t(), alpha=sign * scale, out=out)
+    return out
+
+
+def write_merged(weight: torch.Tensor, layer: LoraLayer, names: tuple[str, ...] | None, *, dst: torch.Tensor | None = None,
+                 sign: float = 1.0, check_only: bool = False) -> None:
+    """``dst = weight + sign * scale * B @ A`` in fp32 row chunks, each checked for NaN/Inf before it is written.
+
+    ``dst`` may be ``weight`` itself (in place): on a non-finite chunk the rows already written are
+    rolled back (within fp32 rounding) and ``FoldError`` names the module. ``check_only`` writes nothing.
+    """
+    factors = _factors(layer, names)
+    w = weight.detach()
+    rows = max(1, CHUNK_ELEMENTS // max(1, w[0].numel()))
+    for i in range(0, w.shape[0], rows):
+        j = min(i + rows, w.shape[0])
+        part = _add_rows(w[i:j].to(torch.float32, copy=True), factors, layer.kind, i, j, sign)
+        if not torch.isfinite(part.sum()) and not torch.isfinite(part).all():
+            if dst is weight and i and not check_only:
+                back = _add_rows(w[:i].to(torch.float32, copy=True), factors, layer.kind, 0, i, -sign)
+                w[:i].copy_(back)
+            bad = (~torch.isfinite(part)).sum().item()
+            raise FoldError(f"folding the adapter into {layer.path} gives {bad}+ NaN/Inf values; the adapter weights are "
+                            "too large or already non-finite (check them with `surgeon inspect`)")
+        if not check_only:
+            (dst if dst is not None else w)[i:j].copy_(part)
+
+
 def merged_weight(weight: torch.Tensor, delta: torch.Tensor | None, where: str, *, sign: float = 1.0) -> torch.Tensor:
     """``weight + sign * delta`` in fp32, checked for NaN/Inf, cast back to ``weight``'s dtype."""
     if delta is None:
@@ -90,7 +133,8 @@ def _fold_site(root: fx.GraphModule, sub: fx.GraphModule, gpath: str, branch: fx
     site = branch.args[1]
     w_node = site.args[SITE_OPS[site.target][1]]
     weight = fetch_attr(sub, w_node.target)
-    new_weight = merged_weight(weight, lora_delta(layer), layer.path)
+    new_weight = torch.empty_like(weight.detach(), memory_format=torch.contiguous_format)
+    write_merged(weight, layer, None, dst=new_weight)
     shared = [u for u in w_node.users if u is not site]
     if shared and layer.path not in tied_warned:
         tied_warned.add(layer.path)
