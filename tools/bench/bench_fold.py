@@ -259,13 +259,15 @@ def print_tables(args, bw: dict, results: dict, tools: list[str], start: str) ->
     print(f"copy bandwidth (read + written bytes / s, {bw['bytes'] / 2**30:.2g} GiB fp32 copy_, median of 7, "
           f"{bw['threads']} threads): {bw['touched_gbs']:.2f} GB/s into a touched dst (the floor), "
           f"{bw['fresh_gbs']:.2f} GB/s into a freshly allocated dst (page faults; 'x fresh'), "
-          f"{bw['thp']['fresh_gbs']:.2f} GB/s fresh with THP_MEM_ALLOC_ENABLE=1")
+          f"{bw['thp']['fresh_gbs']:.2f} GB/s fresh with THP_MEM_ALLOC_ENABLE=1 (other processes: "
+          f"{100 * bw['foreign_cpu']:.0f}% / {100 * bw['thp']['foreign_cpu']:.0f}% of the CPU)")
     print(f"workload: LoRA r={LORA['r']} alpha={LORA['lora_alpha']} init_lora_weights=False, median of "
           f"{args.repeat} (llama1b: {min(args.repeat, 3)}) per tool{' [--quick: tiny configs]' if args.quick else ''}; "
           "floor = (targeted W read + written + A,B read) bytes / bandwidth; |W'-W|: the merge changed the weight; "
-          "err: max |W' - (W + scale*B@A in fp32, cast once)| of the first target")
+          "err: max |W' - (W + scale*B@A in fp32, cast once)| of the first target; other%: share of the machine's CPU "
+          "used by other processes while that worker ran")
     head = (f"{'model':<18} {'dtype':<9} {'tool':<20} {'call':<17} {'median s':>9} {'min s':>8} {'floor s':>8} "
-            f"{'x floor':>8} {'x fresh':>8} {'x PEFT':>7} {'|W-W|':>7} {'err':>8}")
+            f"{'x floor':>8} {'x fresh':>8} {'x PEFT':>7} {'|W-W|':>7} {'err':>8} {'other%':>6}")
     print(head)
     print("-" * len(head))
     for (name, dtype), rows in results.items():
@@ -283,7 +285,7 @@ def print_tables(args, bw: dict, results: dict, tools: list[str], start: str) ->
                 med = h.median(xs)
                 print(f"{model:<18} {dtype:<9} {tool:<20} {call:<17} {med:>9.3f} {min(xs):>8.3f} {floor:>8.3f} "
                       f"{med / floor:>8.1f} {med / (nbytes / fresh):>8.1f} {med / peft_s:>7.2f} "
-                      f"{check['change']:>7.3f} {check['error']:>8.2g}")
+                      f"{check['change']:>7.3f} {check['error']:>8.2g} {100 * r['foreign_cpu']:>6.0f}")
                 if tool != "peft":
                     lines.append(f"  {tool} {call}: {med / peft_s:.2f}x PEFT (goal <= {GOAL_VS_PEFT}x: "
                                  f"{verdict(med / peft_s <= GOAL_VS_PEFT)}), {med / floor:.1f}x floor (goal <= "
@@ -325,10 +327,10 @@ def parent(args: argparse.Namespace) -> int:
     start = f"{h.machine_line()} (at start)\nstart: {h.load_line()}"
     common = ["--threads", str(args.threads)] + (["--quick"] if args.quick else []) + (["--profile"] if args.profile else [])
     h.progress("== copy bandwidth")
-    bw = h.run_worker(__file__, ["--worker", "bandwidth", *common])
+    bw = h.run_worker_load(__file__, ["--worker", "bandwidth", *common])
     os.environ["THP_MEM_ALLOC_ENABLE"] = "1"
     try:
-        bw["thp"] = h.run_worker(__file__, ["--worker", "bandwidth", *common])
+        bw["thp"] = h.run_worker_load(__file__, ["--worker", "bandwidth", *common])
     finally:
         os.environ.pop("THP_MEM_ALLOC_ENABLE")
     results = {}
@@ -338,7 +340,7 @@ def parent(args: argparse.Namespace) -> int:
             rows = {}
             for tool in tools:
                 h.progress(f"== {name} {dtype} / {tool}")
-                rows[tool] = h.run_worker(__file__, ["--worker", tool, "--model", name, "--dtype", dtype,
+                rows[tool] = h.run_worker_load(__file__, ["--worker", tool, "--model", name, "--dtype", dtype,
                                                      "--repeat", str(repeat), *common])
             results[(name, dtype)] = rows
     print_tables(args, bw, results, tools, start)

@@ -15,7 +15,11 @@ Levers are prototyped here by patching surgeon from the outside (surgeon/ is not
                (valid only then: a real pass must dispatch on ``attention_mask.all()``);
 - ``compile``: ``torch.compile`` (inductor) of each injected graph in ``model._graphs``;
 - ``compile-aot``: ``torch.compile(backend="aot_eager_decomp_partition")``: AOTAutograd's
-               min-cut partitioner (recomputes cheap pointwise ops in backward), eager kernels.
+               min-cut partitioner (recomputes cheap pointwise ops in backward), eager kernels;
+- ``compile-loss``: ``torch.compile`` of graph + loss together (the cross-entropy fuses with the
+               graph; surgeon now computes the loss outside the graph, eagerly);
+- ``chunked-ce``: eager; the loss as a chunked cross-entropy whose backward recomputes the
+               softmax per 128 rows into one gradient buffer (no full-size log-softmax kept).
 
 Step times are measured with the variants in ONE process, interleaved step by step (round
 robin), so that load from other processes hits every variant alike; the ratio column is what to
@@ -35,8 +39,8 @@ import types
 
 import harness as h
 
-VARIANTS = ("peft", "surgeon", "surgeon+addmm", "surgeon+causal", "surgeon+compile", "surgeon+compile-aot",
-            "peft+compile")
+VARIANTS = ("peft", "surgeon", "surgeon+addmm", "surgeon+causal", "surgeon+chunked-ce", "surgeon+compile",
+            "surgeon+compile-aot", "surgeon+compile-loss", "peft+compile")
 
 
 # ---- levers ---------------------------------------------------------------------------------
@@ -110,16 +114,106 @@ def build_variant(variant: str, name: str, quick: bool, batch: dict):
         backend = "inductor" if lever == "compile" else "aot_eager_decomp_partition"
         for key in graphs:
             graphs[key] = torch.compile(graphs[key], backend=backend, dynamic=False)
+    elif lever in ("compile-loss", "chunked-ce"):
+        graph = graphs[next(iter(graphs))]
+        loss_fn = hf_loss(model) if lever == "compile-loss" else chunked_cross_entropy
+        run = logits_and_loss(graph, loss_fn)
+        model.forward = types.MethodType(forward_with(torch.compile(run, dynamic=False) if lever == "compile-loss" else run), model)
     elif lever:
         raise SystemExit(f"bench_levers: error: unknown lever {lever!r} in {variant!r}")
     return model
+
+
+def hf_loss(model):
+    base = model.base
+    return lambda logits, labels: base.loss_function(logits=logits, labels=labels, vocab_size=base.config.vocab_size)
+
+
+def logits_and_loss(graph, loss_fn):
+    def run(input_ids, attention_mask, labels):
+        logits = graph(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+        return logits, loss_fn(logits, labels)
+    return run
+
+
+def forward_with(run):
+    """A SurgeonModel.forward for (input_ids, attention_mask, labels) that calls ``run`` (graph + loss)."""
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    def forward(self, input_ids=None, attention_mask=None, labels=None, **_):
+        logits, loss = run(input_ids, attention_mask, labels)
+        return CausalLMOutputWithPast(loss=loss, logits=logits)
+    return forward
+
+
+def chunked_cross_entropy(logits, labels, chunk: int = 128, ignore_index: int = -100):
+    """transformers' ForCausalLMLoss (shift, mean over kept labels) without the full-size log-softmax and its
+    gradient: the softmax is recomputed per chunk of rows in backward, written into one gradient buffer."""
+    import torch
+    from torch.nn import functional as F
+
+    target = F.pad(labels, (0, 1), value=ignore_index)[..., 1:].reshape(-1)
+    return _ChunkedCE.apply(logits.reshape(-1, logits.shape[-1]), target, chunk, ignore_index)
+
+
+def _chunked_ce_class():
+    import torch
+    from torch.nn import functional as F
+
+    class ChunkedCE(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, logits, target, chunk, ignore_index):
+            total = logits.new_zeros((), dtype=torch.float32)
+            for i in range(0, logits.shape[0], chunk):
+                total += F.cross_entropy(logits[i:i + chunk].float(), target[i:i + chunk], ignore_index=ignore_index,
+                                         reduction="sum")
+            count = (target != ignore_index).sum().clamp(min=1)
+            ctx.save_for_backward(logits, target, count)
+            ctx.chunk, ctx.ignore_index = chunk, ignore_index
+            return total / count
+
+        @staticmethod
+        def backward(ctx, grad_out):
+            logits, target, count = ctx.saved_tensors
+            grad = torch.empty_like(logits)
+            scale = grad_out / count
+            for i in range(0, logits.shape[0], ctx.chunk):
+                t = target[i:i + ctx.chunk]
+                p = torch.softmax(logits[i:i + ctx.chunk].float(), dim=-1)
+                keep = t != ctx.ignore_index
+                rows = torch.arange(t.shape[0], device=t.device)[keep]
+                p[rows, t[keep]] -= 1
+                p[~keep] = 0
+                grad[i:i + ctx.chunk] = p * scale
+            return grad, None, None, None
+
+    return ChunkedCE
+
+
+class _Lazy:
+    def __init__(self, make):
+        self.make, self.cls = make, None
+
+    def apply(self, *args):
+        self.cls = self.cls or self.make()
+        return self.cls.apply(*args)
+
+
+_ChunkedCE = _Lazy(_chunked_ce_class)
+
+
+def vocab_size(name: str, quick: bool) -> int:
+    import transformers
+
+    cls_name, full, tiny, _ = h.MODELS[name]
+    return getattr(transformers, cls_name)(**(tiny if quick else full)).vocab_size
 
 
 # ---- interleaved timing ---------------------------------------------------------------------
 def interleaved(variants: list[str], args: argparse.Namespace) -> dict[str, dict]:
     import torch
 
-    batch = h.make_batch(h.build_base(args.model, args.quick).config.vocab_size, args.batch, args.seq)
+    batch = h.make_batch(vocab_size(args.model, args.quick), args.batch, args.seq)
     runs = {}
     for v in variants:
         h.progress(f"[{v}] building")
@@ -165,7 +259,7 @@ def memory_worker(args: argparse.Namespace) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    batch = h.make_batch(h.build_base(args.model, args.quick).config.vocab_size, args.batch, args.seq)
+    batch = h.make_batch(vocab_size(args.model, args.quick), args.batch, args.seq)
     __import__(args.worker.split("#")[0].partition("+")[0])
     model = build_variant(args.worker, args.model, args.quick, batch)
     rss = h.rss_now_mb()

@@ -28,7 +28,8 @@ run, which follows a default run), and of (other) minus (second default). Also t
 load of an adapter file (``AdapterSession.adapter(name)``).
 
 Options: ``--models gpt2,llama``, ``--shapes 1x128,4x128``, ``--runs 20``, ``--threads 2``,
-``--keep DIR`` (keep the exports there), ``--json PATH``, ``--quick``.
+``--keep DIR`` (keep the exports there), ``--explore`` (then print onnx_explore.py's table per model:
+ORT optimization levels and spinning, op counts after ORT's optimizer), ``--json PATH``, ``--quick``.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ import argparse
 import gc
 import json
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -277,6 +279,8 @@ def print_tables(args, results: dict, start: str) -> None:
         print(f"checks (max |diff| of logits, {'x'.join(map(str, ex['ref_shape']))}): ONNX vs torch base {dv['base']:.2g}, "
               f"default {dv['default']:.2g}, other {dv['other']:.2g}, merged {r['ort-merged']['diff_vs_torch']:.2g}; "
               f"eager merged vs unmerged {r['eager']['diff_merged_vs_unmerged']:.2g}")
+        print("CPU share used by other processes while each worker ran: "
+              + ", ".join(f"{k} {100 * r[k]['foreign_cpu']:.0f}%" for k in ("export", "ort-merged", "ort-switch", "eager")))
         print("goals:")
         for line in goals:
             print(line)
@@ -302,15 +306,28 @@ def parent(args) -> int:
             results[name] = {}
             for kind in ("export", "ort-merged", "ort-switch", "eager"):
                 h.progress(f"== {name} / {kind}")
-                results[name][kind] = h.run_worker(__file__, ["--worker", kind, "--model", name, "--dir", str(d), *common])
+                results[name][kind] = h.run_worker_load(__file__, ["--worker", kind, "--model", name, "--dir", str(d), *common])
                 gc.collect()
+        explored = [explore(root, name, common) for name in models] if args.explore else []
     finally:
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)
     print_tables(args, results, start)
+    for text in explored:
+        print()
+        print(text, end="")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
     return 0
+
+
+def explore(root: Path, name: str, common: list[str]) -> str:
+    """The table of ``onnx_explore.py`` (ORT session settings, op counts) for one model's exports."""
+    h.progress(f"== {name} / explore")
+    script = str(Path(__file__).with_name("onnx_explore.py"))
+    proc = subprocess.run([sys.executable, script, "--dir", str(root), "--model", name, *common],
+                          stdout=subprocess.PIPE, text=True, check=False)
+    return proc.stdout if proc.returncode == 0 else f"onnx_explore.py failed for {name} (exit {proc.returncode})\n"
 
 
 WORKERS = {"export": export_worker, "ort-merged": ort_merged_worker, "ort-switch": ort_switch_worker,
@@ -324,6 +341,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--runs", type=int, help="timed runs per config (default 20; --quick 5)")
     ap.add_argument("--threads", type=int, default=2, help="torch and ONNX Runtime intra-op threads (default 2)")
     ap.add_argument("--keep", default=None, help="write the exports under this directory and keep them")
+    ap.add_argument("--explore", action="store_true", help="also run onnx_explore.py (ORT settings, op counts) per model")
     ap.add_argument("--json", default=None, help="write every worker's result to this file")
     ap.add_argument("--quick", action="store_true", help="tiny configs, shapes 1x16,2x16, 5 runs")
     ap.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)

@@ -1,23 +1,31 @@
 """python tools/bench/bench_train.py
 
-Prints the machine line (cores, torch / transformers / peft versions), the workload, then a
-table with one row per model x tool: inject seconds (surgeon: cold capture / warm capture
-cache), median train-step seconds, peak RSS MB, RSS growth after the base model was built, and
-the first loss; under each model the surgeon/PEFT ratios next to the goals (step time <= 0.9x
-PEFT, peak memory <= 0.9x PEFT, inject <= 1 s on a warm capture cache). Progress goes to stderr.
-About 10 minutes on 2 cores; ``--quick`` (tiny configs, a few steps) takes under a minute.
+Prints the machine line (CPU, cores, load, torch / transformers / peft versions), the workload,
+then one table row per model x tool: inject seconds (surgeon: cold capture / warm capture
+cache), median (and minimum) train-step seconds, peak RSS MB, RSS growth since the base model
+was built, the first loss (equal for both tools: same weights, same batch) and the load average;
+under each model the surgeon/PEFT ratios next to the goals (step time <= 0.9x PEFT, peak memory
+<= 0.9x PEFT, inject <= 1 s on a warm capture cache); last, the load and any other benchmark or
+pytest processes seen at the end. Progress goes to stderr. About 10 minutes on 2 idle cores
+(x ``--repeat``); ``--quick`` (tiny configs, 1 thread) takes about a minute.
 
 Training benchmark of surgeon against PEFT on CPU, fp32: a GPT-2-small-sized model (GPT2Config
 defaults, 124.4M params, LoRA on c_attn) and a Llama at the same scale (hidden 768, 12 layers,
-12 heads, MLP 2048, vocab 32000, 134.1M params, LoRA on q_proj and v_proj), both random-init and
-seeded, LoRA r=8 alpha=16, batch 4 x seq 128, AdamW lr 1e-4, labels = input_ids. Each model x
-tool runs in its own subprocess (``--worker TOOL --model NAME``, which prints one JSON line), so
-peak RSS is one tool's. Both use ``torch.set_num_threads(cores)``.
+12 heads, MLP 2048, vocab 32000, untied head: 134.1M params, LoRA on q_proj and v_proj), both
+random-init and seeded, LoRA r=8 alpha=16 dropout 0, batch 4 x seq 128 (input_ids, an all-ones
+attention_mask, labels = input_ids), AdamW lr 1e-4; a step is forward + loss + backward +
+``optimizer.step()`` + ``zero_grad()``. Each model x tool runs in its own subprocess
+(``--worker TOOL --model NAME``, which prints one JSON line), so peak RSS (``ru_maxrss``) is one
+tool's; where Linux allows, the peak count restarts after the build and after injection, so the
+JSON also holds the peak of each phase. Both tools get ``torch.set_num_threads(--threads)``.
+
+On a shared machine the step times swing by 4x with other processes' load (two threads that
+wait on each other at every op); read the load column, use ``--repeat 2`` (the table keeps each
+tool's run with the fastest median step) or ``--threads 1``. Peak RSS barely moves with load.
 
 Options: ``--models gpt2,llama``, ``--warmup 3``, ``--steps 10``, ``--batch 4``, ``--seq 128``,
-``--repeat K`` (K alternating runs per tool; the table keeps the run with the fastest median
-step, which is the least disturbed by other load), ``--json PATH`` (all worker results),
-``--quick``.
+``--threads N`` (default: the cores), ``--repeat K`` (K runs per tool, alternating which tool
+goes first), ``--json PATH`` (every worker's result), ``--quick``.
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ import argparse
 import gc
 import importlib
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -75,6 +84,7 @@ def measure(tool: str, name: str, args: argparse.Namespace) -> dict:
     label = f"[{tool} {name}]"
     h.progress(f"{label} building the base model")
     base = h.build_base(name, args.quick)
+    n_params = sum(p.numel() for p in base.parameters())  # before PEFT adds its adapters to ``base``
     rss_base, peak_build = h.rss_now_mb(), h.peak_rss_mb()
     phases = h.reset_peak()
     model, inject_s = h.timed(lambda: inject(tool, base, name))
@@ -83,14 +93,15 @@ def measure(tool: str, name: str, args: argparse.Namespace) -> dict:
     batch = h.make_batch(base.config.vocab_size, args.batch, args.seq)
     h.reset_peak()
     times, cpu_times, losses = h.train_steps(model.train(), batch, args.warmup, args.steps, label)
-    peak_train = h.peak_rss_mb()
+    peak_train, load = h.peak_rss_mb(), os.getloadavg()[0]
     peak = max(peak_build, peak_inject, peak_train) if phases else peak_train
     return {
-        "tool": tool, "model": name, "params": sum(p.numel() for p in base.parameters()),
+        "tool": tool, "model": name, "params": n_params,
         "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad), "threads": torch.get_num_threads(),
         "inject_s": inject_s, "step_s": h.median(times), "step_cpu_s": h.median(cpu_times), "steps_s": times,
         "losses": losses, "peak_rss_mb": peak, "rss_base_mb": rss_base, "rss_growth_mb": peak - rss_base,
         "peak_phases_mb": {"build": peak_build, "inject": peak_inject, "train": peak_train} if phases else None,
+        "load_1m": load,
     }
 
 
@@ -113,27 +124,37 @@ def print_table(args: argparse.Namespace, results: dict[tuple[str, str], list[di
                 machine: str) -> None:
     print(machine + " (at start)")
     print(f"workload: fp32 CPU, batch {args.batch} x seq {args.seq}, LoRA r={h.LORA['r']} alpha={h.LORA['lora_alpha']} "
-          f"dropout={h.LORA['lora_dropout']}, AdamW lr {h.LR}, median of {args.steps} steps after {args.warmup} "
-          f"warm-up, {args.repeat} run(s) per tool{' [--quick: tiny configs]' if args.quick else ''}")
-    head = (f"{'model':<22} {'tool':<8} {'inject s (cold/warm)':>20} {'step s':>8} {'step CPU s':>10} "
-            f"{'peak RSS MB':>12} {'RSS growth MB':>14} {'loss0':>8}")
+          f"dropout={h.LORA['lora_dropout']}, AdamW lr {h.LR}, {args.steps} timed steps after {args.warmup} warm-up, "
+          f"{args.repeat} run(s) per tool{' [--quick: tiny configs]' if args.quick else ''}")
+    head = (f"{'model':<16} {'tool':<8} {'inject s (cold/warm)':>20} {'step s median (min)':>20} {'peak RSS MB':>12} "
+            f"{'RSS growth MB':>14} {'loss0':>8} {'load':>5}")
     print(head)
     print("-" * len(head))
     for name in models:
         rows = {tool: best(results[(name, tool)]) for tool in TOOLS}
         for tool in TOOLS:
-            r = rows[tool]
-            inj = f"{r['inject_s']:.2f}" + (f" / {r['inject_warm_s']:.2f}" if "inject_warm_s" in r else "")
-            model = f"{name} ({r['params'] / 1e6:.1f}M)"
-            print(f"{model:<22} {tool:<8} {inj:>20} {r['step_s']:>8.2f} {r['step_cpu_s']:>10.2f} {r['peak_rss_mb']:>12.0f} "
-                  f"{r['rss_growth_mb']:>14.0f} {r['losses'][0]:>8.4f}")
-        s, p = rows["surgeon"], rows["peft"]
-        step_ratio, mem_ratio = s["step_s"] / p["step_s"], s["peak_rss_mb"] / p["peak_rss_mb"]
-        growth_ratio = s["rss_growth_mb"] / max(p["rss_growth_mb"], 1e-9)
-        print(f"{'':<22} surgeon/peft: step {step_ratio:.2f}x (goal <= {GOAL_STEP}x: {verdict(step_ratio <= GOAL_STEP)}), "
-              f"peak RSS {mem_ratio:.2f}x (goal <= {GOAL_MEM}x: {verdict(mem_ratio <= GOAL_MEM)}; "
-              f"growth {growth_ratio:.2f}x), warm inject {s['inject_warm_s']:.2f} s "
-              f"(goal <= {GOAL_INJECT_S:g} s: {verdict(s['inject_warm_s'] <= GOAL_INJECT_S)})")
+            print(table_row(name, tool, rows[tool]))
+        print(ratio_line(rows["surgeon"], rows["peft"]))
+    print("load: 1-minute load average when the run's timed steps ended (this run adds about its thread count); "
+          "step times are trustworthy only where it stayed near that")
+
+
+def table_row(name: str, tool: str, r: dict) -> str:
+    inj = f"{r['inject_s']:.2f}" + (f" / {r['inject_warm_s']:.2f}" if "inject_warm_s" in r else "")
+    model = f"{name} ({r['params'] / 1e6:.1f}M)"
+    step = f"{r['step_s']:.2f} ({min(r['steps_s']):.2f})"
+    return (f"{model:<16} {tool:<8} {inj:>20} {step:>20} {r['peak_rss_mb']:>12.0f} {r['rss_growth_mb']:>14.0f} "
+            f"{r['losses'][0]:>8.4f} {r['load_1m']:>5.1f}")
+
+
+def ratio_line(s: dict, p: dict) -> str:
+    step_ratio, min_ratio = s["step_s"] / p["step_s"], min(s["steps_s"]) / min(p["steps_s"])
+    mem_ratio = s["peak_rss_mb"] / p["peak_rss_mb"]
+    growth_ratio = s["rss_growth_mb"] / max(p["rss_growth_mb"], 1e-9)
+    return (f"{'':<16} surgeon/peft: step {step_ratio:.2f}x, min {min_ratio:.2f}x "
+            f"(goal <= {GOAL_STEP}x: {verdict(step_ratio <= GOAL_STEP)}); "
+            f"peak RSS {mem_ratio:.2f}x, growth {growth_ratio:.2f}x (goal <= {GOAL_MEM}x: {verdict(mem_ratio <= GOAL_MEM)}); "
+            f"warm inject {s['inject_warm_s']:.2f} s (goal <= {GOAL_INJECT_S:g} s: {verdict(s['inject_warm_s'] <= GOAL_INJECT_S)})")
 
 
 def parent(args: argparse.Namespace) -> int:
@@ -153,6 +174,7 @@ def parent(args: argparse.Namespace) -> int:
                 h.progress(f"== {name} / {tool} (run {k + 1}/{args.repeat})")
                 results[(name, tool)].append(h.run_worker(__file__, worker_args(args, tool, name)))
     print_table(args, results, models, machine)
+    print(h.load_line() + " (at end)")
     if args.json:
         Path(args.json).write_text(json.dumps([r for runs in results.values() for r in runs], indent=1))
     return 0
@@ -165,14 +187,15 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--steps", type=int, help="timed steps (default 10; --quick 2)")
     ap.add_argument("--batch", type=int, help="default 4; --quick 2")
     ap.add_argument("--seq", type=int, help="default 128; --quick 16")
-    ap.add_argument("--threads", type=int, default=h.threads(), help="torch.set_num_threads for both tools (default: cores)")
+    ap.add_argument("--threads", type=int, help="torch.set_num_threads for both tools (default: cores; --quick 1)")
     ap.add_argument("--repeat", type=int, default=1)
     ap.add_argument("--json", default=None, help="write every worker's result to this file")
     ap.add_argument("--quick", action="store_true", help="tiny configs, batch 2 x seq 16, 1 warm-up + 2 steps")
     ap.add_argument("--worker", choices=TOOLS, help=argparse.SUPPRESS)
     ap.add_argument("--model", choices=sorted(h.MODELS), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    defaults = {"warmup": 1, "steps": 2, "batch": 2, "seq": 16} if args.quick else {"warmup": 3, "steps": 10, "batch": 4, "seq": 128}
+    defaults = ({"warmup": 1, "steps": 2, "batch": 2, "seq": 16, "threads": 1} if args.quick
+                else {"warmup": 3, "steps": 10, "batch": 4, "seq": 128, "threads": h.threads()})
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)

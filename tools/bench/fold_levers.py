@@ -18,7 +18,7 @@ import sys
 import time
 
 # ---- prototype levers (surgeon patched from the outside; surgeon/ is not edited) -------------
-CHUNK_ELEMENTS = 1 << 18  # rows per chunk: about 1 MiB of fp32, so the fp32 sum and its check stay in cache
+CHUNK_ELEMENTS = 1 << 19  # rows per chunk: about 2 MiB of fp32, so the fp32 sum and its check stay in cache
 
 
 def _fused_lora_delta(layer, names=None):
@@ -79,8 +79,9 @@ def _lowrank_delta(layer, names=None):
 
 
 def _write_merged(weight, low, dst, where, sign: float) -> None:
-    """``dst = weight + sign * delta`` row chunk by row chunk: fp32 addmm into a cache-sized chunk, NaN/Inf check
-    of the chunk, one cast/copy into ``dst`` (``dst`` may be ``weight`` itself: in place)."""
+    """``dst = weight + sign * delta`` row chunk by row chunk: fp32 addmm into a cache-sized chunk, a NaN/Inf check
+    of the chunk through its sum (a non-finite sum flags a chunk; only then are its values counted), one cast/copy
+    into ``dst`` (``dst`` may be ``weight`` itself: in place, rolled back on failure)."""
     import torch
 
     from surgeon.passes.fold import FoldError
@@ -89,7 +90,7 @@ def _write_merged(weight, low, dst, where, sign: float) -> None:
     for i in range(0, weight.shape[0], rows):
         j = min(i + rows, weight.shape[0])
         part = low.add_rows(weight[i:j].to(torch.float32, copy=True), i, j, sign)
-        if not bool(torch.isfinite(part).all()):
+        if not bool(torch.isfinite(part.sum())) and not bool(torch.isfinite(part).all()):
             if dst is weight and i:  # roll back the rows already written (in place)
                 _write_merged_rows_back(weight, low, i, sign)
             raise FoldError(f"folding the adapter into {where} gives NaN/Inf values")
@@ -109,7 +110,7 @@ def _chunked_merged_weight(weight, delta, where, *, sign=1.0):
 
     if delta is None:
         return weight.detach().clone()
-    if not isinstance(delta, LowRank):
+    if not isinstance(delta, LowRank):  # a caller that built a full delta itself
         return _fused_merged_weight(weight, delta, where, sign=sign)
     w = weight.detach()
     out = torch.empty_like(w, memory_format=torch.contiguous_format)
@@ -178,6 +179,42 @@ def _param(base, key: str):
     return getattr(base.get_submodule(owner), leaf)
 
 
+def _lazy_copy_graph(gm):
+    """``copy_graph`` that skips the code generation of the copy (torch.fx's ``_LazyGraphModule``): fold edits the
+    copy and generates its code once at the end instead of twice."""
+    import copy
+    import warnings
+
+    from torch import fx
+    from torch.fx._lazy_graph_module import _make_graph_module, _use_lazy_graph_module
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        graph = copy.deepcopy(gm.graph)
+    with _use_lazy_graph_module(True):
+        new = _make_graph_module(gm, graph, class_name=type(gm).__name__)
+    new.meta.update(gm.meta)
+    for name, child in list(new.named_children()):
+        if isinstance(child, fx.GraphModule):
+            setattr(new, name, _lazy_copy_graph(child))
+    new.train(gm.training)
+    return new
+
+
+def _codegen_once(fold):
+    def fold_then_codegen(gm):
+        from torch.fx._lazy_graph_module import _LazyGraphModule
+
+        from surgeon.matching import graphs_of
+
+        new = fold(gm)
+        for _, sub in graphs_of(new):
+            if isinstance(sub, _LazyGraphModule):
+                sub.real_recompile()  # the code is generated here, inside the timed fold, once
+        return new
+    return fold_then_codegen
+
+
 def apply_variant(variant: str) -> None:
     """Patch surgeon for ``variant`` (a key of ``VARIANTS``); ``thp`` must be applied before torch is imported."""
     import os
@@ -195,14 +232,20 @@ def apply_variant(variant: str) -> None:
         sf.lora_delta = sm.lora_delta = _lowrank_delta
         sf.merged_weight = sm.merged_weight = _chunked_merged_weight
         sm.MergeOps.merge_adapter = _chunked_merge_adapter
+    if "lazy" in parts:
+        sf.copy_graph = _lazy_copy_graph
+        sf.fold = _codegen_once(sf.fold)
 
 
 VARIANTS = {
     "surgeon": "surgeon as it is",
     "surgeon+fused": "lora_delta: mm(B, A).mul_(scale); merged_weight: torch.add(W, delta, alpha=sign) (2 temporaries fewer)",
-    "surgeon+chunked": "lora_delta returns the factors; W + scale*B@A by addmm in ~1 MiB row chunks (check per chunk), "
+    "surgeon+chunked": "lora_delta returns the factors; W + scale*B@A by addmm in ~2 MiB fp32 row chunks, NaN/Inf "
+                       "check of each chunk by its sum, "
                        "new tensor for fold, in place for merge_adapter; one tie scan",
-    "surgeon+chunked+thp": "surgeon+chunked with THP_MEM_ALLOC_ENABLE=1 (huge pages: fewer page faults on new tensors)",
+    "surgeon+chunked+lazy": "surgeon+chunked, and fold's copy of the graph generates no code (lazy): one codegen, not two",
+    "surgeon+chunked+lazy+thp": "surgeon+chunked+lazy with THP_MEM_ALLOC_ENABLE=1 (huge pages: fewer page faults on the "
+                                "new tensors)",
 }
 
 
@@ -231,6 +274,7 @@ def surgeon_timers() -> tuple[Timers, callable]:
     t = Timers()
     names = ("lora_delta", "merged_weight", "copy_graph", "set_nested", "_set_attr")
     saved = [(mod, n) for mod in (sm, sf) for n in names if hasattr(mod, n)] + [(sm.MergeOps, "_own_param")]
+    saved.append((sys.modules[__name__], "_write_merged"))  # the chunked lever's in-place merge
     originals = [(obj, name, getattr(obj, name)) for obj, name in saved]
     for obj, name, fn in originals:
         setattr(obj, name, t.wrap(name, fn))

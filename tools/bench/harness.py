@@ -211,6 +211,25 @@ def run_worker(script: str, args: Sequence[str]) -> dict[str, Any]:
     return json.loads(lines[-1])
 
 
+def cpu_seconds() -> tuple[float, float]:
+    """(busy, total) CPU seconds of the whole machine since boot, all cores (from /proc/stat)."""
+    with open("/proc/stat") as f:
+        ticks = [int(x) for x in f.readline().split()[1:9]]
+    hz = os.sysconf("SC_CLK_TCK")
+    return (sum(ticks) - ticks[3] - ticks[4]) / hz, sum(ticks) / hz
+
+
+def run_worker_load(script: str, args: Sequence[str]) -> dict[str, Any]:
+    """``run_worker``, plus ``foreign_cpu``: the share of the machine's CPU time used by other processes meanwhile
+    (0: the worker had the machine to itself; 0.5 on 2 cores: another process kept one core busy)."""
+    (busy0, total0), kids0 = cpu_seconds(), resource.getrusage(resource.RUSAGE_CHILDREN)
+    result = run_worker(script, args)
+    (busy1, total1), kids1 = cpu_seconds(), resource.getrusage(resource.RUSAGE_CHILDREN)
+    mine = (kids1.ru_utime + kids1.ru_stime) - (kids0.ru_utime + kids0.ru_stime)
+    result["foreign_cpu"] = max(0.0, (busy1 - busy0 - mine) / max(total1 - total0, 1e-9))
+    return result
+
+
 def main() -> int:
     import torch
 
