@@ -36,6 +36,7 @@ import importlib
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 import harness as h
@@ -92,16 +93,20 @@ def measure(tool: str, name: str, args: argparse.Namespace) -> dict:
     h.progress(f"{label} injected in {inject_s:.2f} s")
     batch = h.make_batch(base.config.vocab_size, args.batch, args.seq)
     h.reset_peak()
+    (busy0, total0), own0 = h.cpu_seconds(), time.process_time()
     times, cpu_times, losses = h.train_steps(model.train(), batch, args.warmup, args.steps, label)
+    (busy1, total1), own1 = h.cpu_seconds(), time.process_time()
+    other_cpu = max(0.0, (busy1 - busy0 - (own1 - own0)) / max(total1 - total0, 1e-9))
     peak_train, load = h.peak_rss_mb(), os.getloadavg()[0]
     peak = max(peak_build, peak_inject, peak_train) if phases else peak_train
+    live = h.step_live_mb(model, batch)  # after the RSS readings: the profiler allocates too
     return {
         "tool": tool, "model": name, "params": n_params,
         "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad), "threads": torch.get_num_threads(),
         "inject_s": inject_s, "step_s": h.median(times), "step_cpu_s": h.median(cpu_times), "steps_s": times,
         "losses": losses, "peak_rss_mb": peak, "rss_base_mb": rss_base, "rss_growth_mb": peak - rss_base,
         "peak_phases_mb": {"build": peak_build, "inject": peak_inject, "train": peak_train} if phases else None,
-        "load_1m": load,
+        "load_1m": load, "other_cpu": other_cpu, "step_live_mb": live,
     }
 
 
@@ -123,11 +128,12 @@ def verdict(ok: bool) -> str:
 def print_table(args: argparse.Namespace, results: dict[tuple[str, str], list[dict]], models: list[str],
                 machine: str) -> None:
     print(machine + " (at start)")
-    print(f"workload: fp32 CPU, batch {args.batch} x seq {args.seq}, LoRA r={h.LORA['r']} alpha={h.LORA['lora_alpha']} "
+    malloc = "; MALLOC_MMAP_THRESHOLD_=131072" if args.fixed_mmap else ""
+    print(f"workload{malloc}: fp32 CPU, batch {args.batch} x seq {args.seq}, LoRA r={h.LORA['r']} alpha={h.LORA['lora_alpha']} "
           f"dropout={h.LORA['lora_dropout']}, AdamW lr {h.LR}, {args.steps} timed steps after {args.warmup} warm-up, "
           f"{args.repeat} run(s) per tool{' [--quick: tiny configs]' if args.quick else ''}")
     head = (f"{'model':<16} {'tool':<8} {'inject s (cold/warm)':>20} {'step s median (min)':>20} {'peak RSS MB':>12} "
-            f"{'RSS growth MB':>14} {'loss0':>8} {'load':>5}")
+            f"{'RSS growth MB':>14} {'step live MB':>13} {'loss0':>8} {'other CPU':>10}")
     print(head)
     print("-" * len(head))
     for name in models:
@@ -135,8 +141,9 @@ def print_table(args: argparse.Namespace, results: dict[tuple[str, str], list[di
         for tool in TOOLS:
             print(table_row(name, tool, rows[tool]))
         print(ratio_line(rows["surgeon"], rows["peft"]))
-    print("load: 1-minute load average when the run's timed steps ended (this run adds about its thread count); "
-          "step times are trustworthy only where it stayed near that")
+    print("other CPU: share of the machine's CPU time that other processes used during the timed steps (step times "
+          "are trustworthy only near 0%); step live: peak MB of tensors alive in one step above its start "
+          "(profiler allocation events; unlike RSS, free of the C allocator's retention)")
 
 
 def table_row(name: str, tool: str, r: dict) -> str:
@@ -144,16 +151,18 @@ def table_row(name: str, tool: str, r: dict) -> str:
     model = f"{name} ({r['params'] / 1e6:.1f}M)"
     step = f"{r['step_s']:.2f} ({min(r['steps_s']):.2f})"
     return (f"{model:<16} {tool:<8} {inj:>20} {step:>20} {r['peak_rss_mb']:>12.0f} {r['rss_growth_mb']:>14.0f} "
-            f"{r['losses'][0]:>8.4f} {r['load_1m']:>5.1f}")
+            f"{r['step_live_mb']:>13.0f} {r['losses'][0]:>8.4f} {r['other_cpu']:>10.0%}")
 
 
 def ratio_line(s: dict, p: dict) -> str:
     step_ratio, min_ratio = s["step_s"] / p["step_s"], min(s["steps_s"]) / min(p["steps_s"])
     mem_ratio = s["peak_rss_mb"] / p["peak_rss_mb"]
     growth_ratio = s["rss_growth_mb"] / max(p["rss_growth_mb"], 1e-9)
+    live_ratio = s["step_live_mb"] / max(p["step_live_mb"], 1e-9)
     return (f"{'':<16} surgeon/peft: step {step_ratio:.2f}x, min {min_ratio:.2f}x "
             f"(goal <= {GOAL_STEP}x: {verdict(step_ratio <= GOAL_STEP)}); "
-            f"peak RSS {mem_ratio:.2f}x, growth {growth_ratio:.2f}x (goal <= {GOAL_MEM}x: {verdict(mem_ratio <= GOAL_MEM)}); "
+            f"peak RSS {mem_ratio:.2f}x (goal <= {GOAL_MEM}x: {verdict(mem_ratio <= GOAL_MEM)}), growth {growth_ratio:.2f}x, "
+            f"step live {live_ratio:.2f}x; "
             f"warm inject {s['inject_warm_s']:.2f} s (goal <= {GOAL_INJECT_S:g} s: {verdict(s['inject_warm_s'] <= GOAL_INJECT_S)})")
 
 
@@ -166,6 +175,8 @@ def parent(args: argparse.Namespace) -> int:
     if unknown:
         print(f"bench_train: error: --models: unknown {unknown}; choose from {sorted(h.MODELS)}", file=sys.stderr)
         return 1
+    if args.fixed_mmap:  # glibc: big blocks always mmapped, returned on free; RSS then tracks live memory
+        os.environ["MALLOC_MMAP_THRESHOLD_"] = "131072"
     machine = h.machine_line()
     results: dict[tuple[str, str], list[dict]] = {(m, t): [] for m in models for t in TOOLS}
     for name in models:
@@ -189,6 +200,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--seq", type=int, help="default 128; --quick 16")
     ap.add_argument("--threads", type=int, help="torch.set_num_threads for both tools (default: cores; --quick 1)")
     ap.add_argument("--repeat", type=int, default=1)
+    ap.add_argument("--fixed-mmap", action="store_true",
+                    help="run the workers with MALLOC_MMAP_THRESHOLD_=131072 (peak RSS without glibc's heap retention)")
     ap.add_argument("--json", default=None, help="write every worker's result to this file")
     ap.add_argument("--quick", action="store_true", help="tiny configs, batch 2 x seq 16, 1 warm-up + 2 steps")
     ap.add_argument("--worker", choices=TOOLS, help=argparse.SUPPRESS)

@@ -183,6 +183,30 @@ def train_steps(model, batch: dict, warmup: int, steps: int, label: str = "") ->
     return times, cpu_times, losses
 
 
+def step_live_mb(model, batch: dict) -> float:
+    """Peak MB of tensors alive during one more training step, above what was alive when it began.
+
+    Counted from the profiler's allocation events, so unlike RSS it does not depend on how much
+    freed memory the C allocator keeps (which moves peak RSS by hundreds of MB from run to run).
+    """
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=LR)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        model(**batch).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns())
+    live = peak = 0
+    for e in events:
+        live += e.nbytes()
+        peak = max(peak, live)
+    return peak / 2**20
+
+
 def progress(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
