@@ -4,7 +4,8 @@ Prints, for one model, a table of training-step variants (PEFT eager, surgeon as
 surgeon with one prototype lever each), with the median step seconds (wall and CPU), the ratio
 to PEFT eager, the first-step (compile) seconds and the last loss. With ``--memory`` each variant
 instead runs in its own subprocess and the table gives its peak RSS while training (MB) and the
-ratio to PEFT eager. Progress goes to stderr.
+ratio to PEFT eager, and the step's peak live tensor MB (allocator-independent) and its ratio.
+Progress goes to stderr.
 
 Levers are prototyped here by patching surgeon from the outside (surgeon/ is not edited):
 
@@ -21,8 +22,8 @@ Levers are prototyped here by patching surgeon from the outside (surgeon/ is not
 - ``chunked-ce``: eager; the loss as a chunked cross-entropy whose backward recomputes the
                softmax per 128 rows into one gradient buffer (no full-size log-softmax kept).
 
-Step times are measured with the variants in ONE process, interleaved step by step (round
-robin), so that load from other processes hits every variant alike; the ratio column is what to
+Step times are measured with the variants in ONE process, interleaved step by step (each
+round in a new seeded random order), so that load from other processes hits every variant alike; the ratio column is what to
 read on a busy machine (with ``--threads 1`` the CPU-time ratio is the steadiest: no thread
 waits for a descheduled sibling). Options: ``--variants`` (comma list), ``--steps 8``, ``--warmup 2``,
 ``--threads``, ``--memory``, ``--quick``. A variant written ``NAME#2`` is a second copy of NAME
@@ -32,7 +33,7 @@ waits for a descheduled sibling). Options: ``--variants`` (comma list), ``--step
 from __future__ import annotations
 
 import argparse
-import json
+import random
 import sys
 import time
 import types
@@ -149,7 +150,6 @@ def forward_with(run):
 def chunked_cross_entropy(logits, labels, chunk: int = 128, ignore_index: int = -100):
     """transformers' ForCausalLMLoss (shift, mean over kept labels) without the full-size log-softmax and its
     gradient: the softmax is recomputed per chunk of rows in backward, written into one gradient buffer."""
-    import torch
     from torch.nn import functional as F
 
     target = F.pad(labels, (0, 1), value=ignore_index)[..., 1:].reshape(-1)
@@ -220,8 +220,12 @@ def interleaved(variants: list[str], args: argparse.Namespace) -> dict[str, dict
         model = build_variant(v, args.model, args.quick, batch)
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=h.LR)
         runs[v] = {"model": model, "opt": opt, "wall": [], "cpu": [], "losses": []}
+    order = list(runs)
+    shuffle = random.Random(h.SEED)
     for i in range(args.warmup + args.steps):
-        for v, r in runs.items():
+        shuffle.shuffle(order)  # no variant always runs right after the same one
+        for v in order:
+            r = runs[v]
             torch.manual_seed(h.SEED + 2 + i)
             t0, c0 = time.perf_counter(), time.process_time()
             loss = r["model"](**batch).loss
@@ -265,17 +269,19 @@ def memory_worker(args: argparse.Namespace) -> int:
     rss = h.rss_now_mb()
     h.reset_peak()
     times, _, losses = h.train_steps(model, batch, args.warmup, args.steps, f"[{args.worker}]")
-    h.emit({"variant": args.worker, "peak_train_mb": h.peak_rss_mb(), "rss_before_train_mb": rss,
-            "step_s": h.median(times), "loss_last": losses[-1]})
+    peak = h.peak_rss_mb()
+    h.emit({"variant": args.worker, "peak_train_mb": peak, "rss_before_train_mb": rss,
+            "step_live_mb": h.step_live_mb(model, batch), "step_s": h.median(times), "loss_last": losses[-1]})
     return 0
 
 
 def print_memory_table(results: dict[str, dict]) -> None:
     ref = results.get("peft")
-    print(f"{'variant':<22} {'RSS before train MB':>20} {'peak train MB':>14} {'vs peft':>8}")
+    print(f"{'variant':<22} {'RSS before train MB':>20} {'peak train MB':>14} {'vs peft':>8} {'step live MB':>13} {'vs peft':>8}")
     for v, r in results.items():
         ratio = f"{r['peak_train_mb'] / ref['peak_train_mb']:.3f}x" if ref else "-"
-        print(f"{v:<22} {r['rss_before_train_mb']:>20.0f} {r['peak_train_mb']:>14.0f} {ratio:>8}")
+        live = f"{r['step_live_mb'] / ref['step_live_mb']:.3f}x" if ref else "-"
+        print(f"{v:<22} {r['rss_before_train_mb']:>20.0f} {r['peak_train_mb']:>14.0f} {ratio:>8} {r['step_live_mb']:>13.0f} {live:>8}")
 
 
 def main() -> int:
