@@ -1,4 +1,5 @@
-# make demo: fine-tune the embedded tiny GPT-2 on the bundled text and show the loss drop.
+# make demo: fine-tune the embedded tiny GPT-2 on the bundled text, show the loss drop, export it to ONNX with
+#            a KV cache and generate through ONNX Runtime with the trained adapter and without it.
 # make test: the whole test suite (about 10 minutes on 2 cores).
 # Both create .venv when it is missing: CPU torch 2.13.0 first, then the project with its test extra.
 VENV ?= .venv
@@ -16,8 +17,12 @@ $(PY):
 
 venv: $(PY)
 
+DEMO_PROMPT ?= Day 12, noon. Wind
+
 demo: $(PY)
 	$(VENV)/bin/surgeon train -o runs/demo-adapter
+	$(VENV)/bin/surgeon export tiny-gpt2 runs/demo-adapter -o runs/demo-onnx --kv-cache --force
+	$(VENV)/bin/surgeon generate runs/demo-onnx --base --adapter demo-adapter --prompt "$(DEMO_PROMPT)" -n 30
 
 test: $(PY)
 	$(PY) -m pytest tests

@@ -27,7 +27,8 @@ _LAZY = {
     "AutoPeftModel": "surgeon.auto", "AutoPeftModelForCausalLM": "surgeon.auto",
     "AutoPeftModelForSequenceClassification": "surgeon.auto",
     "export_onnx": "surgeon.onnx.export", "AdapterSession": "surgeon.onnx.runtime",
-    "run_checks": "surgeon.checks", "load_model": "surgeon.hub",
+    "run_checks": "surgeon.checks", "load_model": "surgeon.hub", "load_tokenizer": "surgeon.hub",
+    "capture_decoder": "surgeon.capturing", "GenerationError": "surgeon.generation",
 }
 _ALIASES = {"PeftModel": "SurgeonModel"}  # PEFT's name: `PeftModel.from_pretrained(base, dir)` reads the same
 
@@ -41,7 +42,7 @@ def __getattr__(name: str):
         value = getattr(importlib.import_module(_LAZY[target]), target)
         globals()[name] = value
         return value
-    if name in ("layers", "passes", "onnx", "adapters", "hub", "checks", "model", "config"):
+    if name in ("layers", "passes", "onnx", "adapters", "hub", "checks", "model", "config", "generation"):
         return importlib.import_module(f"surgeon.{name}")
     raise AttributeError(f"module 'surgeon' has no attribute {name!r}")
 

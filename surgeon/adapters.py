@@ -97,7 +97,13 @@ def read_adapter_dir(directory: str | os.PathLike) -> tuple[LoraConfig, dict[str
 
     directory = Path(directory)
     if not directory.is_dir():
-        raise AdapterFileError(f"{directory}: no such adapter directory (expected {CONFIG_NAME} and {WEIGHTS_NAME} inside)")
+        from surgeon.errors import did_you_mean
+
+        parent = directory.parent if directory.parent.is_dir() else None
+        siblings = [p.name for p in parent.iterdir() if (p / CONFIG_NAME).is_file()] if parent else []
+        hint = did_you_mean(directory.name, siblings).replace("'", "")
+        raise AdapterFileError(f"{directory}: no such adapter directory{hint} (expected {CONFIG_NAME} and "
+                               f"{WEIGHTS_NAME} inside)")
     config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
     if not config_path.is_file():
         raise AdapterFileError(f"{config_path}: missing; an adapter directory holds {CONFIG_NAME} and {WEIGHTS_NAME}")

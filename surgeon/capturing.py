@@ -172,17 +172,41 @@ def _fresh_copy(gm: fx.GraphModule, *, train: bool) -> fx.GraphModule:
     return new
 
 
-def _export(model: nn.Module, kwargs: dict[str, Any], sig: tuple) -> fx.GraphModule:
+def capture_decoder(model: nn.Module, *, cache: bool = True) -> tuple[fx.GraphModule, Any]:
+    """Export ``model`` (a ``*ForCausalLM``) for the decode signature of ``surgeon.generation``.
+
+    The graph is called as ``graph(input_ids=, attention_mask=, position_ids=, past=[k0, v0, ...])``
+    and returns ``(logits, presents)``; ``past`` may have length 0 (prefill). Returns the graph and
+    the ``CacheLayout``.
+    """
+    from surgeon.generation import DECODE_KEY, cache_layout, decode_example, decode_forward, forward_as
+
+    layout = cache_layout(model)
+    kwargs = decode_example(model, layout)
+    per_model = _CACHE.setdefault(model, {}) if cache else {}
+    key = (DECODE_KEY, _fingerprint(model))
+    if key not in per_model:
+        shapes = {"input_ids": {0: Dim.AUTO, 1: Dim.AUTO}, "attention_mask": {0: Dim.AUTO, 1: Dim.AUTO},
+                  "position_ids": {0: Dim.AUTO, 1: Dim.AUTO}, "past": [{0: Dim.AUTO, 2: Dim.AUTO} for _ in kwargs["past"]]}
+        with forward_as(model, decode_forward(model)):
+            # No input guards: export assumes sizes >= 2 (so total >= 4), but the graph is generic; prefill runs
+            # with past 0 and decode with sequence 1 (tested down to one-token prompts, against eager transformers).
+            per_model[key] = _export(model, kwargs, DECODE_KEY, shapes, check_guards=False)
+    return _fresh_copy(per_model[key], train=model.training), layout
+
+
+def _export(model: nn.Module, kwargs: dict[str, Any], sig: tuple, shapes: dict | None = None,
+            check_guards: bool = True) -> fx.GraphModule:
     was_training = model.training
     model.train(True)  # capture dropout nodes; they become mode-aware modules below
     try:
         with torch.no_grad():
-            ep = torch.export.export(model, (), kwargs, dynamic_shapes=_dynamic_shapes(kwargs), strict=False)
+            ep = torch.export.export(model, (), kwargs, dynamic_shapes=shapes or _dynamic_shapes(kwargs), strict=False)
     except Exception as err:  # torch.export raises many types; we name the failing place
         raise CaptureError(_explain(model, err)) from err
     finally:
         model.train(was_training)
-    unlifted = ep.module()
+    unlifted = ep.module(check_guards=check_guards)
     gm = fx.GraphModule(unlifted, unlifted.graph, class_name=f"Captured{type(model).__name__}")
     from surgeon.passes.modes import dropout_as_modules
 

@@ -107,10 +107,12 @@ def fold_checkpoint(model: str, adapter_dirs: Sequence[str], out: str | os.PathL
 
 
 def fold_onnx(model: str, adapter_dirs: Sequence[str], out: str | os.PathLike, *,
-              weights: Sequence[float] | None = None, force: bool = False, source: str | None = None) -> Path:
+              weights: Sequence[float] | None = None, force: bool = False, source: str | None = None,
+              kv_cache: bool = False) -> Path:
     """Like ``fold_checkpoint`` but writes a merged ONNX export (the fold pass, then the exporter)."""
     from surgeon.onnx.export import export_onnx
 
     peft_model, name = load_with_adapters(model, adapter_dirs, weights)
     sources = {name: adapter_dirs[0]} if name == "a0" else None
-    return export_onnx(peft_model, out, [name], merged=True, force=force, source=source or model, adapter_sources=sources)
+    return export_onnx(peft_model, out, [name], merged=True, force=force, source=source or model, adapter_sources=sources,
+                       kv_cache=kv_cache)

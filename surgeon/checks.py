@@ -121,14 +121,46 @@ def _numbers(manifest: dict, session: AdapterSession, reference: str | None, rep
     cases = [(None, "base")] + [(name, f"adapter[{name}]") for name in sorted(manifest.get("adapters", {}))]
     if manifest.get("merged_adapter"):
         cases = [(manifest["merged_adapter"], f"merged[{manifest['merged_adapter']}]")]
+    kv = bool(manifest.get("kv_cache"))
     for adapter, label in cases:
-        worst = 0.0
+        worst = step_worst = 0.0
         for b, s in ((1, 7), (3, 12)):
             feeds = _feeds(ref.base.config, session.input_names, b, s, causal)
-            got = session.run(feeds, adapter=None if manifest.get("merged_adapter") else adapter)["logits"]
-            worst = max(worst, _max_diff(got, _torch_logits(ref, feeds, adapter), feeds["attention_mask"]))
+            run_adapter = None if manifest.get("merged_adapter") else adapter
+            out = session.run({**feeds, **_empty_past(manifest, b)} if kv else feeds, adapter=run_adapter)
+            worst = max(worst, _max_diff(out["logits"], _torch_logits(ref, feeds, adapter), feeds["attention_mask"]))
+            if kv:
+                step_worst = max(step_worst, _decode_step_diff(session, ref, feeds, out, run_adapter, adapter))
         report.add(f"{label}_vs_torch", worst <= report.atol,
                    f"max |ORT - torch| = {worst:.3g} on real tokens (atol {report.atol:g}, batch 1x7 and 3x12)", worst)
+        if kv:
+            report.add(f"{label}_decode_vs_torch", step_worst <= report.atol,
+                       f"one decode step on the KV cache: max |ORT - torch| = {step_worst:.3g} (atol {report.atol:g})",
+                       step_worst)
+
+
+def _empty_past(manifest: dict, batch: int) -> dict[str, np.ndarray]:
+    facts = manifest["generation"]
+    dtype = np.dtype(facts.get("cache_dtype", "float32"))
+    past = {}
+    for i in range(facts["layers"]):
+        past[f"past_key_values.{i}.key"] = np.zeros((batch, facts["kv_heads"][i], 0, facts["key_dim"][i]), dtype)
+        past[f"past_key_values.{i}.value"] = np.zeros((batch, facts["kv_heads"][i], 0, facts["value_dim"][i]), dtype)
+    return past
+
+
+def _decode_step_diff(session: AdapterSession, ref, feeds: dict, prefill: dict, run_adapter, adapter) -> float:
+    """Feed one more token with the prefill's presents; compare with torch on the whole sequence, last position."""
+    b = feeds["input_ids"].shape[0]
+    token = np.full((b, 1), 5, np.int64)
+    mask = np.concatenate([feeds["attention_mask"], np.ones((b, 1), np.int64)], axis=1)
+    past = {k.replace("present.", "past_key_values.", 1): v for k, v in prefill.items() if k.startswith("present.")}
+    step = {"input_ids": token, "attention_mask": mask, "position_ids": np.cumsum(mask, 1)[:, -1:] - 1, **past}
+    got = session.run(step, adapter=run_adapter)["logits"][:, -1]
+    whole = {"input_ids": np.concatenate([feeds["input_ids"], token], axis=1), "attention_mask": mask,
+             "position_ids": np.clip(np.cumsum(mask, 1) - 1, 0, None)}
+    want = _torch_logits(ref, whole, adapter)[:, -1]
+    return float(np.abs(got.astype(np.float64) - want.astype(np.float64)).max())
 
 
 def _feeds(config, names: list[str], b: int, s: int, causal: bool) -> dict[str, np.ndarray]:

@@ -15,11 +15,12 @@ from surgeon.errors import SurgeonError
 def _quiet() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    import importlib
+    import logging
     import warnings
 
+    importlib.import_module("torch")  # torch sets its loggers' levels on import; ours must come after
     import transformers
-
-    import logging
 
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
@@ -162,9 +163,10 @@ def train(model, data, heldout, targets, rank, alpha, dropout, all_linear, steps
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), help="Cast the merged model (default: as loaded).")
 @click.option("--format", "fmt", type=click.Choice(["hf", "onnx"]), default="hf", show_default=True,
               help="hf: a transformers checkpoint; onnx: a merged ONNX export (as `surgeon export --merged`).")
+@click.option("--kv-cache", is_flag=True, help="With --format onnx: a decoder with KV cache inputs/outputs (for generation).")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @friendly
-def fold(model, adapter_dirs, output, weights, dtype, fmt, force):
+def fold(model, adapter_dirs, output, weights, dtype, fmt, kv_cache, force):
     """Fold ADAPTER_DIRS into MODEL's weights and write a checkpoint AutoModel*.from_pretrained loads."""
     _quiet()
     from surgeon.checkpoint import fold_checkpoint, fold_onnx
@@ -176,9 +178,12 @@ def fold(model, adapter_dirs, output, weights, dtype, fmt, force):
     if fmt == "onnx":
         if dtype:
             raise click.BadParameter("--dtype applies to --format hf; ONNX exports are fp32")
-        out = fold_onnx(model, adapter_dirs, output, weights=parsed, force=force, source=_base_name(model))
+        out = fold_onnx(model, adapter_dirs, output, weights=parsed, force=force, source=_base_name(model),
+                        kv_cache=kv_cache)
         click.echo(f"wrote merged ONNX model to {out}")
         return
+    if kv_cache:
+        raise click.BadParameter("--kv-cache applies to --format onnx")
     out = fold_checkpoint(model, adapter_dirs, output, weights=parsed, force=force, dtype=dtype)
     click.echo(f"wrote merged checkpoint to {out}")
 
@@ -198,9 +203,11 @@ def _adapter_names(adapter_dirs, names):
 @click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="Export directory.")
 @click.option("--name", "names", multiple=True, help="Adapter name per directory (default: the directory's name).")
 @click.option("--merged", is_flag=True, help="Fold the (single) adapter into the weights instead of switchable inputs.")
+@click.option("--kv-cache", is_flag=True,
+              help="Export a decoder with past_key_values.* inputs and present.* outputs, for `surgeon generate`.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @friendly
-def export(model, adapter_dirs, output, names, merged, force):
+def export(model, adapter_dirs, output, names, merged, kv_cache, force):
     """Export MODEL with ADAPTER_DIRS to ONNX: adapter weights as inputs + .onnx_adapter files."""
     _quiet()
     from surgeon.hub import load_model
@@ -217,9 +224,39 @@ def export(model, adapter_dirs, output, names, merged, force):
         peft_model.load_adapter(directory, adapter_name=name)
     out = export_onnx(peft_model, output, names, merged=merged, force=force,
                       source=_base_name(model),
-                      adapter_sources=dict(zip(names, adapter_dirs)))
+                      adapter_sources=dict(zip(names, adapter_dirs)), kv_cache=kv_cache)
     what = f"merged adapter {names[0]}" if merged else f"adapters {', '.join(names)}"
-    click.echo(f"wrote {out} ({what})")
+    click.echo(f"wrote {out} ({what}{', with KV cache' if kv_cache else ''})")
+
+
+@main.command()
+@click.argument("model")
+@click.option("-a", "--adapter", "adapters", multiple=True,
+              help="For an export directory: an adapter name in it; for a model: a PEFT adapter directory. Repeat to "
+                   "compare several; none: the base model.")
+@click.option("--base", "with_base", is_flag=True, help="Also generate with no adapter (the base model), to compare.")
+@click.option("-p", "--prompt", required=True, help="Text to continue.")
+@click.option("-n", "--max-new-tokens", default=40, show_default=True, type=click.IntRange(1))
+@click.option("--sample", is_flag=True, help="Sample instead of greedy decoding.")
+@click.option("--temperature", default=1.0, show_default=True, type=float)
+@click.option("--top-k", default=0, show_default=True, type=int, help="Keep the k most likely tokens (0: all).")
+@click.option("--top-p", default=1.0, show_default=True, type=float, help="Nucleus sampling mass.")
+@click.option("--seed", default=0, show_default=True, type=int)
+@friendly
+def generate(model, adapters, with_base, prompt, max_new_tokens, sample, temperature, top_k, top_p, seed):
+    """Continue PROMPT with MODEL (a model or an `surgeon export --kv-cache` directory), streaming the text."""
+    _quiet()
+    from surgeon.textgen import generate_text
+
+    runs = list(adapters) or [None]
+    if with_base and None not in runs:
+        runs.insert(0, None)
+    sampling = {"do_sample": sample, "temperature": temperature, "top_k": top_k, "top_p": top_p, "seed": seed}
+    for adapter in runs:
+        if len(runs) > 1:
+            click.echo(f"--- {adapter or 'base (no adapter)'} ---")
+        generate_text(model, adapter, prompt, max_new_tokens, sampling, echo=lambda text: click.echo(text, nl=False))
+        click.echo()
 
 
 @main.command()

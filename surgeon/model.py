@@ -160,6 +160,22 @@ class SurgeonModel(AdapterIO, MergeOps, nn.Module):
             self._graphs[sig] = graph
         return self._graphs[sig]
 
+    def decoder_graph(self):
+        """The injected decode graph (KV cache as flat tensors, see ``surgeon.generation``) and its cache layout."""
+        from surgeon.capturing import capture_decoder
+        from surgeon.generation import DECODE_KEY
+
+        if DECODE_KEY not in self._graphs:
+            graph, layout = capture_decoder(self.base)
+            for name, config in self.peft_config.items():
+                graph = inject_lora(graph, config, name, reuse=self._registry())
+            self._adopt(graph)
+            graph.train(self.training)
+            graph.meta["cache_layout"] = layout
+            self._graphs[DECODE_KEY] = graph
+        graph = self._graphs[DECODE_KEY]
+        return graph, graph.meta["cache_layout"]
+
     def forward(self, input_ids=None, attention_mask=None, labels=None, num_items_in_batch=None, **kwargs):
         call = {"input_ids": input_ids, "attention_mask": attention_mask, **kwargs}
         call.pop("return_dict", None)
@@ -186,10 +202,10 @@ class SurgeonModel(AdapterIO, MergeOps, nn.Module):
         return any(p.kind == inspect.Parameter.VAR_KEYWORD for p in params)
 
     def generate(self, *args, **kwargs):
-        raise NotImplementedError(
-            "SurgeonModel.generate with unmerged adapters is not available yet; "
-            "merge the adapter into a copy of the base to generate"
-        )
+        """transformers' ``generate`` with the active adapters unmerged, every step run by the injected decode graph."""
+        from surgeon.generation import generate
+
+        return generate(self, *args, **kwargs)
 
     # ---- modes and devices ------------------------------------------------------------
     def train(self, mode: bool = True) -> SurgeonModel:

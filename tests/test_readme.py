@@ -36,3 +36,26 @@ def test_example_deploy_switchable_runs(tmp_path):
                             capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert result.returncode == 0, result.stderr[-2000:]
     assert "adapter=shiplog" in result.stdout and "adapter=(none)" in result.stdout
+
+
+def test_generation_examples_run_as_written(tmp_path, capsys):
+    from click.testing import CliRunner
+
+    from surgeon.cli import main
+
+    blocks = [b for b in python_blocks() if ".generate(" in b]
+    assert len(blocks) == 2, "README's torch and ONNX Runtime generation examples"
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        for args in (["train", "--steps", "2", "-o", "runs/demo-adapter"],
+                     ["export", "tiny-gpt2", "runs/demo-adapter", "-o", "runs/demo-onnx", "--kv-cache", "--force"]):
+            result = CliRunner().invoke(main, args)
+            assert result.exit_code == 0, result.output
+        namespace = {"__name__": "__readme__"}
+        for i, block in enumerate(blocks):
+            exec(compile(block, f"README.md generation example {i}", "exec"), namespace)
+    finally:
+        os.chdir(cwd)
+    printed = capsys.readouterr().out
+    assert "Day 12, noon. Wind" in printed and " | " in printed

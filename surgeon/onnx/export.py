@@ -47,36 +47,77 @@ class _Wrapper(nn.Module):
         return self.body(**inputs, **self.consts).logits
 
 
+class _DecoderWrapper(nn.Module):
+    """``(input_ids, attention_mask, position_ids, *past, *lora tensors) -> (logits, *presents)``."""
+
+    def __init__(self, graph, n_past: int, loras: tuple[LoraInput, ...], feed: InputFeed):
+        super().__init__()
+        self.body, self.n_past, self.loras, self.feed = graph, n_past, loras, feed
+
+    def forward(self, *args):
+        input_ids, attention_mask, position_ids = args[:3]
+        past, flat = list(args[3: 3 + self.n_past]), args[3 + self.n_past:]
+        self.feed.tensors = {lo.path: (flat[2 * i], flat[2 * i + 1]) for i, lo in enumerate(self.loras)}
+        logits, presents = self.body(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                     past=past)
+        return (logits, *presents)
+
+
+def past_names(layers: int) -> list[str]:
+    """``past_key_values.{i}.key`` / ``.value`` (the names optimum and onnxruntime-genai use)."""
+    return [f"past_key_values.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
+
+
+def present_names(layers: int) -> list[str]:
+    return [f"present.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
+
+
 def export_onnx(model, out_dir: str | os.PathLike, adapters: list[str] | None = None, *, merged: bool = False,
                 force: bool = False, source: str | None = None, opset: int | None = None,
-                adapter_names: dict[str, str] | None = None, adapter_sources: dict[str, str] | None = None) -> Path:
-    """Write ``out_dir`` for a ``SurgeonModel``: switchable adapters, or ``merged=True`` for one folded adapter."""
+                adapter_names: dict[str, str] | None = None, adapter_sources: dict[str, str] | None = None,
+                kv_cache: bool = False) -> Path:
+    """Write ``out_dir`` for a ``SurgeonModel``: switchable adapters, or ``merged=True`` for one folded adapter.
+
+    ``kv_cache=True`` exports the decoder with the KV cache as inputs and outputs (prefill and decode in one model).
+    """
     names = list(adapters or model.peft_config)
     for name in names:
         model._known(name)
     if merged and len(names) != 1:
         raise AdapterError(f"--merged folds exactly one adapter; got {len(names)} ({', '.join(names)})")
     model.eval()
-    call = _default_call(model)
-    graph = model.graph_for(**call)
+    layout = None
+    if kv_cache:
+        graph, layout = model.decoder_graph()
+        call = None
+    else:
+        call = _default_call(model)
+        graph = model.graph_for(**call)
+
+    def run_export(g, feed):
+        if kv_cache:
+            return _export_decoder(g, model, layout, feed=feed, opset=opset)
+        return _export(g, model, call, feed=feed, opset=opset)
 
     def fill(tmp: Path) -> None:
         if merged:
             active = model.active_adapter
             model.set_adapter(names[0])
             try:
-                program, loras = _export(fold(graph), model, call, feed=None, opset=opset)
+                program, loras = run_export(fold(graph), None)
             finally:
                 model.set_adapter(active)
         else:
-            program, loras = _export(graph, model, call, feed=InputFeed(), opset=opset)
-        _save(program, tmp / MODEL_FILE, loras, model)
+            program, loras = run_export(graph, InputFeed())
+        _save(program, tmp / MODEL_FILE, loras, model, kv_layers=layout.layers if layout else 0)
         written = {} if merged else write_adapters(model, names, loras, tmp / ADAPTER_DIR, adapter_names or {})
         copied = copy_tokenizer_files(source_dir(source), tmp) if source_dir(source) else []
         sources = {k: str(Path(v).resolve()) for k, v in (adapter_sources or {}).items()}
         extra = {"merged_source": sources.get(names[0])} if merged else {"adapter_sources": sources}
+        if layout is not None:
+            extra["generation"] = generation_facts(model, layout)
         write_manifest(tmp, model, loras, written, merged=names[0] if merged else None, source=source,
-                       tokenizer=bool(copied), kv_cache=False, extra=extra)
+                       tokenizer=bool(copied), kv_cache=layout is not None, extra=extra)
 
     return write_dir_atomically(out_dir, fill, force=force)
 
@@ -123,8 +164,55 @@ def _export(graph, model, call: dict[str, Any], *, feed: InputFeed | None, opset
     return program, loras
 
 
-def _save(program, path: Path, loras: tuple[LoraInput, ...], model) -> None:
-    """Save, then name the rank dims ``lora_r`` and add the rank-0 default initializers."""
+def _export_decoder(graph, model, layout, *, feed: InputFeed | None, opset: int | None):
+    from surgeon.generation import decode_example
+
+    loras: tuple[LoraInput, ...] = ()
+    if feed is not None:
+        graph, loras = lora_as_inputs(graph, feed)
+    graph.eval()
+    n_past = 2 * layout.layers
+    wrapper = _DecoderWrapper(graph, n_past, loras, feed or InputFeed()).eval()
+    example = decode_example(model.base, layout)
+    batch, seq, past = Dim("batch"), Dim("sequence"), Dim("past_sequence")
+    args = [example["input_ids"], example["attention_mask"], example["position_ids"], *example["past"]]
+    shapes = [{0: batch, 1: seq}, {0: batch, 1: Dim.AUTO}, {0: batch, 1: seq}] + [{0: batch, 2: past}] * n_past
+    for i, lo in enumerate(loras):
+        rank = Dim(f"lora_r_{i}")
+        args += [torch.zeros(lo.in_features, 2), torch.zeros(2, lo.out_features)]
+        shapes += [{1: rank}, {0: rank}]
+    input_names = ["input_ids", "attention_mask", "position_ids", *past_names(layout.layers)]
+    input_names += [n for lo in loras for n in onnx_input_names(lo.path)]
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(wrapper, tuple(args), dynamic_shapes=(tuple(shapes),), input_names=input_names,
+                                    output_names=["logits", *present_names(layout.layers)], dynamo=True,
+                                    opset_version=opset, verbose=False, optimize=True)
+    return program, loras
+
+
+def generation_facts(model, layout) -> dict[str, Any]:
+    """What ``AdapterSession.generate`` needs besides the graph: cache shapes, special tokens, context length."""
+    config = model.base.config
+    gen = getattr(model.base, "generation_config", None)
+
+    def ids(value):
+        if value is None:
+            return []
+        return [int(v) for v in (value if isinstance(value, (list, tuple)) else [value])]
+
+    eos = ids(getattr(gen, "eos_token_id", None)) or ids(getattr(config, "eos_token_id", None))
+    pad = ids(getattr(gen, "pad_token_id", None)) or ids(getattr(config, "pad_token_id", None))
+    context = next((int(getattr(config, k)) for k in ("max_position_embeddings", "n_positions")
+                    if isinstance(getattr(config, k, None), int)), None)
+    return {"layers": layout.layers, "kv_heads": list(layout.key_heads), "key_dim": list(layout.key_dims),
+            "value_dim": list(layout.value_dims), "cache_dtype": str(layout.dtype).removeprefix("torch."),
+            "eos_token_id": eos, "pad_token_id": pad[0] if pad else None, "context_length": context,
+            "vocab_size": int(getattr(config, "vocab_size", 0) or 0) or None}
+
+
+def _save(program, path: Path, loras: tuple[LoraInput, ...], model, kv_layers: int = 0) -> None:
+    """Save, then name the rank dims ``lora_r`` (and the cache dims) and add the rank-0 default initializers."""
     import onnx
     from onnx import TensorProto, helper
 
@@ -138,11 +226,30 @@ def _save(program, path: Path, loras: tuple[LoraInput, ...], model) -> None:
             for dim in value.type.tensor_type.shape.dim:
                 if dim.dim_param:
                     dim.dim_param = "lora_r"
+    if kv_layers:
+        _name_cache_dims(proto, kv_layers)
     for lo in loras:
         name_a, name_b = onnx_input_names(lo.path)
         proto.graph.initializer.append(helper.make_tensor(name_a, TensorProto.FLOAT, [lo.in_features, 0], []))
         proto.graph.initializer.append(helper.make_tensor(name_b, TensorProto.FLOAT, [0, lo.out_features], []))
     onnx.save(proto, str(path))
+
+
+def _name_cache_dims(proto, layers: int) -> None:
+    """Readable dims: ``total_sequence`` for the mask's length and the presents' length, ``vocab`` unchanged."""
+    values = {v.name: v for v in list(proto.graph.input) + list(proto.graph.output)}
+
+    def name(value_name: str, axis: int, label: str) -> None:
+        dim = values[value_name].type.tensor_type.shape.dim[axis]
+        dim.ClearField("dim_value")
+        dim.dim_param = label
+
+    name("attention_mask", 1, "total_sequence")
+    name("logits", 0, "batch")
+    name("logits", 1, "sequence")
+    for n in present_names(layers):
+        name(n, 0, "batch")
+        name(n, 2, "total_sequence")
 
 
 def write_adapters(model, names: list[str], loras: tuple[LoraInput, ...], directory: Path,

@@ -127,3 +127,99 @@ class AdapterSession:
         names = output_names or self.output_names
         values = self.session.run(names, feeds, options)
         return dict(zip(names, values))
+
+    # ---- generation (models exported with --kv-cache) -------------------------------------
+    @property
+    def generation(self) -> dict:
+        """The manifest's generation facts; a clear error when the model has no KV cache inputs."""
+        if not self.manifest.get("kv_cache"):
+            raise AdapterFileError(f"{self.dir}: this model was exported without a KV cache, so it cannot generate; "
+                                   "re-export it with `surgeon export MODEL ADAPTER_DIR... -o OUT --kv-cache` "
+                                   "(or export_onnx(..., kv_cache=True))")
+        return self.manifest["generation"]
+
+    def generate(self, input_ids, attention_mask=None, *, adapter: str | None = None, max_new_tokens: int = 32,
+                 do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                 seed: int | None = None, eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None,
+                 on_tokens=None) -> np.ndarray:
+        """Prefill + decode with the KV cache in ONNX Runtime; returns ``[batch, prompt + new]`` token ids.
+
+        Batches are left-padded (``attention_mask`` 0 on the left), as with transformers. Greedy by default;
+        ``do_sample=True`` samples with ``temperature``, ``top_k``, ``top_p`` from ``numpy``'s generator seeded with
+        ``seed``. A row stops at an end-of-sequence token and is then filled with ``pad_token_id``. ``on_tokens``
+        is called with each step's new tokens (``[batch]``), for streaming.
+        """
+        facts = self.generation
+        ids = np.asarray(input_ids, dtype=np.int64)
+        if ids.ndim == 1:
+            ids = ids[None, :]
+        mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask, dtype=np.int64).reshape(ids.shape)
+        batch, prompt = ids.shape
+        if prompt == 0:
+            raise AdapterError("generate needs at least one prompt token")
+        context = facts.get("context_length")
+        if context and prompt + max_new_tokens > context:
+            raise AdapterError(f"prompt of {prompt} tokens + max_new_tokens {max_new_tokens} exceeds the model's context "
+                               f"of {context} positions; shorten the prompt to at most {max(context - max_new_tokens, 0)} "
+                               f"tokens or lower max_new_tokens to {max(context - prompt, 0)}")
+        if adapter is not None:
+            self.adapter(adapter)  # unknown names fail here, before any work
+        eos = set(facts.get("eos_token_id") or []) if eos_token_id is None else set(np.atleast_1d(eos_token_id).tolist())
+        pad = pad_token_id if pad_token_id is not None else facts.get("pad_token_id")
+        pad = pad if pad is not None else (min(eos) if eos else 0)
+        rng = np.random.default_rng(seed)
+        cache_dtype = np.dtype(facts.get("cache_dtype", "float32"))
+        past = {}
+        for i in range(facts["layers"]):
+            heads = facts["kv_heads"][i]
+            past[f"past_key_values.{i}.key"] = np.zeros((batch, heads, 0, facts["key_dim"][i]), cache_dtype)
+            past[f"past_key_values.{i}.value"] = np.zeros((batch, heads, 0, facts["value_dim"][i]), cache_dtype)
+        tokens, step_ids = ids, ids
+        done = np.zeros(batch, dtype=bool)
+        for _ in range(max_new_tokens):
+            seq = step_ids.shape[1]
+            positions = np.where(mask == 0, 1, np.cumsum(mask, axis=1) - 1)[:, -seq:]
+            out = self.run({"input_ids": step_ids, "attention_mask": mask, "position_ids": positions, **past}, adapter)
+            nxt = pick_tokens(out["logits"][:, -1, :].astype(np.float32), rng, do_sample, temperature, top_k, top_p)
+            nxt = np.where(done, pad, nxt)
+            done |= np.isin(nxt, list(eos)) if eos else False
+            tokens = np.concatenate([tokens, nxt[:, None]], axis=1)
+            if on_tokens is not None:
+                on_tokens(nxt)
+            if done.all():
+                break
+            past = {k.replace("present.", "past_key_values.", 1): v for k, v in out.items() if k.startswith("present.")}
+            mask = np.concatenate([mask, np.ones((batch, 1), np.int64)], axis=1)
+            step_ids = nxt[:, None]
+        return tokens
+
+
+def pick_tokens(logits: np.ndarray, rng: np.random.Generator, do_sample: bool, temperature: float, top_k: int,
+                top_p: float) -> np.ndarray:
+    """Greedy argmax, or a sample after temperature, top-k and top-p (nucleus) filtering, in that order."""
+    if not do_sample:
+        return logits.argmax(axis=-1)
+    if temperature <= 0:
+        raise AdapterError(f"temperature must be > 0 when sampling, got {temperature}")
+    x = logits / temperature
+    if top_k and top_k < x.shape[-1]:
+        kth = np.partition(x, -top_k, axis=-1)[:, -top_k][:, None]
+        x = np.where(x < kth, -np.inf, x)
+    if top_p < 1.0:
+        order = np.argsort(-x, axis=-1)
+        sorted_x = np.take_along_axis(x, order, axis=-1)
+        probs = softmax(sorted_x)
+        before = np.cumsum(probs, axis=-1) - probs  # mass of the tokens ranked above each one
+        drop_sorted = before >= top_p  # as transformers: keep the smallest set reaching top_p
+        drop = np.zeros_like(drop_sorted)
+        np.put_along_axis(drop, order, drop_sorted, axis=-1)
+        x = np.where(drop, -np.inf, x)
+    probs = softmax(x)
+    u = rng.random((x.shape[0], 1))
+    picked = (np.cumsum(probs, axis=-1) < u).sum(axis=-1)
+    return np.minimum(picked, x.shape[-1] - 1)
+
+
+def softmax(x: np.ndarray) -> np.ndarray:
+    z = np.exp(x - x.max(axis=-1, keepdims=True))
+    return z / z.sum(axis=-1, keepdims=True)

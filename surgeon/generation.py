@@ -1,0 +1,239 @@
+"""Generation on the captured graph: a decode signature with the KV cache as flat tensors.
+
+``capture_decoder`` exports the base model for the call
+``(input_ids [B, S], attention_mask [B, P+S], position_ids [B, S], past=[k0, v0, k1, v1, ...])``
+with every past tensor ``[B, kv_heads, P, head_dim]`` and returns ``(logits, presents)``, the
+presents being the same list grown to ``P+S``. Inside the traced function the flat tensors become
+a ``DynamicCache``; outside the graph there is no cache object at all, which is what ONNX wants
+and what lets one graph serve prefill (``P = 0``) and decode (``S = 1``).
+
+``generate`` drives transformers' own ``generate`` (so every decoding strategy, logits processor
+and stopping rule is theirs) with the base model's forward pointed, for the duration of the call,
+at the injected decode graph; the graph's presents are written back into the ``DynamicCache``
+that ``generate`` keeps between steps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from surgeon.errors import SurgeonError
+
+DECODE_KEY = ("decode", "input_ids", "attention_mask", "position_ids", "past")  # the graph's key in SurgeonModel._graphs
+EXAMPLE_PAST = 5  # past length of the capture example (sizes 0 and 1 would be specialised by torch.export)
+EXAMPLE_SEQ = 3
+
+
+class GenerationError(SurgeonError):
+    """The model or the call cannot be served by the decode graph."""
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheLayout:
+    """Shape of the KV cache of a decoder: per layer ``[batch, heads, past, head_dim]`` for keys and values."""
+
+    layers: int
+    key_heads: tuple[int, ...]
+    key_dims: tuple[int, ...]
+    value_dims: tuple[int, ...]
+    dtype: torch.dtype
+
+    def empty(self, batch: int, device: torch.device | str = "cpu") -> list[torch.Tensor]:
+        """The flat past of a prefill: one zero-length tensor per key and value."""
+        out = []
+        for heads, kd, vd in zip(self.key_heads, self.key_dims, self.value_dims):
+            out.append(torch.zeros(batch, heads, 0, kd, dtype=self.dtype, device=device))
+            out.append(torch.zeros(batch, heads, 0, vd, dtype=self.dtype, device=device))
+        return out
+
+
+def check_decoder(model: nn.Module) -> None:
+    config = getattr(model, "config", None)
+    if getattr(config, "is_encoder_decoder", False):
+        raise GenerationError(f"{type(model).__name__}: generation is supported for decoder-only models; for an "
+                              "encoder-decoder model, merge the adapter (merge_and_unload) and call the base's generate")
+    if not hasattr(model, "get_output_embeddings") or model.get_output_embeddings() is None:
+        raise GenerationError(f"{type(model).__name__} has no language-model head; generation needs a *ForCausalLM model")
+
+
+def cache_layout(model: nn.Module) -> CacheLayout:
+    """Read the cache shapes from one eager two-token forward of the base model."""
+    from transformers import DynamicCache
+
+    check_decoder(model)
+    device = next(model.parameters()).device
+    ids = torch.ones(1, 2, dtype=torch.long, device=device)
+    with torch.no_grad():
+        out = model(input_ids=ids, past_key_values=DynamicCache(), use_cache=True)
+    layers = out.past_key_values.layers
+    return CacheLayout(len(layers), tuple(int(x.keys.shape[1]) for x in layers), tuple(int(x.keys.shape[3]) for x in layers),
+                       tuple(int(x.values.shape[3]) for x in layers), layers[0].keys.dtype)
+
+
+def cache_from_flat(past: list[torch.Tensor] | tuple[torch.Tensor, ...]):
+    """A ``DynamicCache`` holding the flat ``[k0, v0, k1, v1, ...]`` (plain layers, no sliding window)."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    cache = DynamicCache()
+    cache.layers = []
+    for i in range(0, len(past), 2):
+        layer = DynamicLayer()
+        layer.lazy_initialization(past[i], past[i + 1])
+        layer.keys, layer.values = past[i], past[i + 1]
+        cache.layers.append(layer)
+    return cache
+
+
+def decode_forward(model: nn.Module):
+    """The function traced for the decode signature; it calls the model's own (class) forward."""
+    original = type(model).forward
+
+    def forward(input_ids, attention_mask, position_ids, past):
+        cache = cache_from_flat(past)
+        out = original(model, input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                       past_key_values=cache, use_cache=True)
+        presents = [t for layer in out.past_key_values.layers for t in (layer.keys, layer.values)]
+        return out.logits, presents
+
+    return forward
+
+
+def decode_example(model: nn.Module, layout: CacheLayout, batch: int = 2) -> dict[str, Any]:
+    device = next(model.parameters()).device
+    vocab = int(getattr(model.config, "vocab_size", 8))
+    g = torch.Generator().manual_seed(0)
+    total = EXAMPLE_PAST + EXAMPLE_SEQ
+    past = [t.new_zeros(batch, t.shape[1], EXAMPLE_PAST, t.shape[3]) for t in layout.empty(batch, device)]
+    return {
+        "input_ids": torch.randint(min(4, vocab - 1), vocab, (batch, EXAMPLE_SEQ), generator=g).to(device),
+        "attention_mask": torch.ones(batch, total, dtype=torch.long, device=device),
+        "position_ids": torch.arange(EXAMPLE_PAST, total, device=device).expand(batch, -1).contiguous(),
+        "past": past,
+    }
+
+
+@contextlib.contextmanager
+def forward_as(model: nn.Module, forward) -> Iterator[None]:
+    """Within the block, ``model(...)`` and ``model.forward`` call ``forward`` (an instance attribute)."""
+    had = "forward" in vars(model)
+    saved = vars(model).get("forward")
+    model.forward = forward
+    try:
+        yield
+    finally:
+        if had:
+            model.forward = saved
+        else:
+            del model.forward
+
+
+# ---- transformers' generate, driven by the decode graph --------------------------------------
+def flat_past(cache, layout: CacheLayout, batch: int, device) -> list[torch.Tensor]:
+    if cache is None or not getattr(cache, "layers", None) or not cache.layers[0].is_initialized:
+        return layout.empty(batch, device)
+    return [t for layer in cache.layers for t in (layer.keys, layer.values)]
+
+
+def store_presents(cache, presents: list[torch.Tensor]) -> None:
+    from transformers.cache_utils import DynamicLayer
+
+    while len(cache.layers) < len(presents) // 2:
+        cache.layers.append(DynamicLayer())
+    for i, layer in enumerate(cache.layers[: len(presents) // 2]):
+        k, v = presents[2 * i], presents[2 * i + 1]
+        if not layer.is_initialized:
+            layer.lazy_initialization(k, v)
+        layer.keys, layer.values = k, v
+
+
+def positions_from_mask(mask: torch.Tensor, seq: int) -> torch.Tensor:
+    """transformers' left-padding positions: running count of real tokens minus one (1 on padding)."""
+    pos = mask.long().cumsum(-1) - 1
+    pos = pos.masked_fill(mask == 0, 1)
+    return pos[:, -seq:]
+
+
+def graph_forward(model, graph, layout: CacheLayout):
+    """A forward with the base model's signature that runs ``graph`` (the injected decode graph)."""
+    from transformers import DynamicCache
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    base = model.base
+
+    @functools.wraps(base.forward)
+    def forward(input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                logits_to_keep=0, inputs_embeds=None, **_ignored):
+        if inputs_embeds is not None and input_ids is None:
+            raise GenerationError("generate with inputs_embeds is not supported by the decode graph; pass input_ids")
+        if past_key_values is not None and not isinstance(past_key_values, DynamicCache):
+            raise GenerationError(f"the decode graph keeps a DynamicCache; got {type(past_key_values).__name__} "
+                                  "(leave cache_implementation unset)")
+        cache = past_key_values if past_key_values is not None else DynamicCache()
+        batch, seq = input_ids.shape
+        past = flat_past(cache, layout, batch, input_ids.device)
+        total = past[0].shape[2] + seq
+        if attention_mask is None:
+            attention_mask = torch.ones(batch, total, dtype=torch.long, device=input_ids.device)
+        if position_ids is None:
+            position_ids = positions_from_mask(attention_mask, seq)
+        logits, presents = graph(input_ids=input_ids, attention_mask=attention_mask.long(), position_ids=position_ids,
+                                 past=past)
+        store_presents(cache, presents)
+        if isinstance(logits_to_keep, int) and logits_to_keep > 0:
+            logits = logits[:, -logits_to_keep:]
+        return CausalLMOutputWithPast(logits=logits, past_key_values=cache)
+
+    return forward
+
+
+def context_length(model: nn.Module) -> int | None:
+    config = model.config
+    return next((int(getattr(config, k)) for k in ("max_position_embeddings", "n_positions")
+                 if isinstance(getattr(config, k, None), int)), None)
+
+
+def check_context(model: nn.Module, kwargs: dict[str, Any]) -> None:
+    """A prompt (plus the tokens asked for) longer than the model's positions fails here, not deep in the model."""
+    context = context_length(model)
+    ids = kwargs.get("input_ids")
+    if context is None or not isinstance(ids, torch.Tensor):
+        return
+    prompt = ids.shape[-1]
+    new = kwargs.get("max_new_tokens")
+    if new is None:
+        gen = kwargs.get("generation_config") or model.generation_config
+        total = kwargs.get("max_length") or gen.max_length
+        new = (gen.max_new_tokens if kwargs.get("max_length") is None and gen.max_new_tokens else max(total - prompt, 0))
+    if prompt + new > context:
+        raise GenerationError(f"prompt of {prompt} tokens + {new} new tokens exceeds {type(model).__name__}'s context of "
+                              f"{context} positions; shorten the prompt to at most {max(context - new, 0)} tokens or ask "
+                              f"for at most {max(context - prompt, 0)} new tokens")
+
+
+def generate(model, *args, **kwargs):
+    """``model.base.generate(...)`` with every forward served by the injected decode graph."""
+    from transformers import DynamicCache
+
+    check_decoder(model.base)
+    if args:
+        kwargs.setdefault("input_ids", args[0])
+        if len(args) > 1:
+            raise GenerationError("pass generation arguments by name (input_ids=..., max_new_tokens=...)")
+    if kwargs.get("cache_implementation") not in (None, "dynamic"):
+        raise GenerationError(f"cache_implementation={kwargs['cache_implementation']!r} is not supported by the decode "
+                              "graph, which keeps a DynamicCache; leave it unset")
+    if kwargs.get("use_cache") is False:
+        raise GenerationError("use_cache=False is not supported: the decode graph always uses the KV cache")
+    check_context(model.base, kwargs)
+    kwargs.setdefault("past_key_values", DynamicCache())
+    graph, layout = model.decoder_graph()
+    with forward_as(model.base, graph_forward(model, graph, layout)):
+        return model.base.generate(**kwargs)
