@@ -48,6 +48,8 @@ class CaptureInfo:
 
 def describe_module(path: str, module: nn.Module) -> ModuleInfo:
     type_name = type(module).__name__
+    if type_name == "QuantLinear":  # surgeon.quant: a frozen quantized linear, one op in the graph
+        return ModuleInfo(path, type_name, "linear", module.in_features, module.out_features)
     if isinstance(module, nn.Linear):
         return ModuleInfo(path, type_name, "linear", module.in_features, module.out_features)
     if type_name == "Conv1D" and hasattr(module, "nf"):  # GPT-2's transposed linear, weight [in, out]

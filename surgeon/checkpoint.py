@@ -63,7 +63,8 @@ def copy_tokenizer_files(source: Path, target: Path) -> list[str]:
     return copied
 
 
-def load_with_adapters(model: str, adapter_dirs: Sequence[str], weights: Sequence[float] | None = None):
+def load_with_adapters(model: str, adapter_dirs: Sequence[str], weights: Sequence[float] | None = None,
+                       bits: int | None = None):
     """``(SurgeonModel, name)``: the base with each adapter, and the one to fold (a weighted sum when several)."""
     from surgeon.adapters import read_adapter_dir
     from surgeon.hub import load_model
@@ -75,7 +76,13 @@ def load_with_adapters(model: str, adapter_dirs: Sequence[str], weights: Sequenc
     if len(weights) != len(adapter_dirs):
         raise SurgeonError(f"--weights has {len(weights)} values for {len(adapter_dirs)} adapters")
     first_config, _ = read_adapter_dir(adapter_dirs[0])
-    base = load_model(model, task=first_config.task_type.value if first_config.task_type else None)
+    task = first_config.task_type.value if first_config.task_type else None
+    if bits:
+        from surgeon.quant import load_quantized
+
+        base = load_quantized(model, bits=bits, task=task)
+    else:
+        base = load_model(model, task=task)
     peft_model = SurgeonModel.from_pretrained(base, adapter_dirs[0], adapter_name="a0")
     for i, d in enumerate(adapter_dirs[1:], start=1):
         peft_model.load_adapter(d, adapter_name=f"a{i}")
@@ -88,14 +95,23 @@ def load_with_adapters(model: str, adapter_dirs: Sequence[str], weights: Sequenc
 
 
 def fold_checkpoint(model: str, adapter_dirs: Sequence[str], out: str | os.PathLike, *,
-                    weights: Sequence[float] | None = None, force: bool = False, dtype: str | None = None) -> Path:
-    """Load ``model``, add each adapter (weighted sum when several), merge, write a checkpoint to ``out``."""
+                    weights: Sequence[float] | None = None, force: bool = False, dtype: str | None = None,
+                    bits: int | None = None) -> Path:
+    """Load ``model``, add each adapter (weighted sum when several), merge, write a checkpoint to ``out``.
+
+    ``bits`` loads the base quantized as the adapter was trained (QLoRA); the merge then goes into the
+    dequantized weights, so the checkpoint is float (``dtype``, default the compute dtype fp32).
+    """
+    import warnings
+
     import torch
 
     from surgeon.hub import model_dir
 
-    peft_model, _ = load_with_adapters(model, adapter_dirs, weights)
-    merged = peft_model.merge_and_unload(safe_merge=True)
+    peft_model, _ = load_with_adapters(model, adapter_dirs, weights, bits=bits)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the dequantize warning: here it is what was asked for
+        merged = peft_model.merge_and_unload(safe_merge=True)
     if dtype:
         merged = merged.to(getattr(torch, dtype))
 

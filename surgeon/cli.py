@@ -76,6 +76,21 @@ def _targets_table(found) -> str:
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
 
 
+def bits_option(fn):
+    return click.option("--bits", type=click.Choice(["4", "8"]), default=None,
+                        help="Load the base quantized (bitsandbytes; 4 = nf4 with double quantization), QLoRA.")(fn)
+
+
+def _load_base(model: str, bits: str | None, task: str | None = None):
+    if bits:
+        from surgeon.quant import load_quantized
+
+        return load_quantized(model, bits=int(bits), task=task)
+    from surgeon.hub import load_model
+
+    return load_model(model, task=task)
+
+
 def _base_name(model: str) -> str:
     from surgeon.hub import BUILTIN
 
@@ -87,15 +102,15 @@ def _base_name(model: str) -> str:
 @lora_options
 @click.option("--dry-run", is_flag=True, help="Print the target table and the parameter count; write nothing.")
 @click.option("-o", "--output", type=click.Path(file_okay=False), help="Write the initialised adapter here.")
+@bits_option
 @friendly
-def inject(model, targets, rank, alpha, dropout, all_linear, dry_run, output):
+def inject(model, targets, rank, alpha, dropout, all_linear, dry_run, output, bits):
     """Show where LoRA goes in MODEL (a directory or built-in name) and write the initial adapter."""
     _quiet()
-    from surgeon.hub import load_model
     from surgeon.matching import match
     from surgeon.model import get_peft_model, trainable_parameters_line
 
-    base = load_model(model)
+    base = _load_base(model, bits)
     config = _config(targets, rank, alpha, dropout, all_linear, _base_name(model))
     peft_model = get_peft_model(base, config)
     found = match(next(iter(peft_model._graphs.values())), config)
@@ -118,14 +133,15 @@ def inject(model, targets, rank, alpha, dropout, all_linear, dry_run, output):
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--eval-blocks", "eval_blocks_n", default=64, show_default=True, type=int, help="Held-out blocks for the before/after loss.")
 @click.option("-o", "--output", default="runs/adapter", show_default=True, type=click.Path(file_okay=False))
+@bits_option
 @friendly
 def train(model, data, heldout, targets, rank, alpha, dropout, all_linear, steps, lr, batch_size, seq_len, seed,
-          eval_blocks_n, output):
+          eval_blocks_n, output, bits):
     """Fine-tune a LoRA adapter on MODEL (default: the embedded tiny GPT-2) and write it."""
     _quiet()
     import torch
 
-    from surgeon.hub import BUILTIN_TARGETS, DEFAULT_DATA, DEFAULT_HELDOUT, DEFAULT_MODEL, load_model, load_tokenizer
+    from surgeon.hub import BUILTIN_TARGETS, DEFAULT_DATA, DEFAULT_HELDOUT, DEFAULT_MODEL, load_tokenizer
     from surgeon.model import get_peft_model
     from surgeon.train import TrainSettings, check_vocab, token_blocks
     from surgeon.train import train as run
@@ -142,7 +158,7 @@ def train(model, data, heldout, targets, rank, alpha, dropout, all_linear, steps
         blocks, eval_blocks = blocks[:-cut], blocks[-cut:]
     eval_blocks = eval_blocks[:max(1, eval_blocks_n)]
     torch.manual_seed(seed)
-    base = load_model(model)
+    base = _load_base(model, bits)
     for b, source in ((blocks, data or DEFAULT_DATA), (eval_blocks, heldout or data or DEFAULT_HELDOUT)):
         check_vocab(b, base.config.vocab_size, Path(source))
     peft_model = get_peft_model(base, _config(targets, rank, alpha, dropout, all_linear, _base_name(model)))
@@ -164,9 +180,11 @@ def train(model, data, heldout, targets, rank, alpha, dropout, all_linear, steps
 @click.option("--format", "fmt", type=click.Choice(["hf", "onnx"]), default="hf", show_default=True,
               help="hf: a transformers checkpoint; onnx: a merged ONNX export (as `surgeon export --merged`).")
 @click.option("--kv-cache", is_flag=True, help="With --format onnx: a decoder with KV cache inputs/outputs (for generation).")
+@click.option("--bits", type=click.Choice(["4", "8"]), default=None,
+              help="The adapter was trained on a 4/8-bit base: merge into the dequantized weights (a float checkpoint).")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @friendly
-def fold(model, adapter_dirs, output, weights, dtype, fmt, kv_cache, force):
+def fold(model, adapter_dirs, output, weights, dtype, fmt, kv_cache, bits, force):
     """Fold ADAPTER_DIRS into MODEL's weights and write a checkpoint AutoModel*.from_pretrained loads."""
     _quiet()
     from surgeon.checkpoint import fold_checkpoint, fold_onnx
@@ -176,6 +194,9 @@ def fold(model, adapter_dirs, output, weights, dtype, fmt, kv_cache, force):
     except ValueError:
         raise click.BadParameter(f"--weights {weights!r}: give numbers separated by commas, e.g. 0.7,0.3") from None
     if fmt == "onnx":
+        if bits:
+            raise click.BadParameter("--bits with --format onnx is not supported yet; fold to a float checkpoint "
+                                     "first (surgeon fold MODEL ADAPTER --bits N -o MERGED), then export MERGED")
         if dtype:
             raise click.BadParameter("--dtype applies to --format hf; ONNX exports are fp32")
         out = fold_onnx(model, adapter_dirs, output, weights=parsed, force=force, source=_base_name(model),
@@ -184,7 +205,8 @@ def fold(model, adapter_dirs, output, weights, dtype, fmt, kv_cache, force):
         return
     if kv_cache:
         raise click.BadParameter("--kv-cache applies to --format onnx")
-    out = fold_checkpoint(model, adapter_dirs, output, weights=parsed, force=force, dtype=dtype)
+    out = fold_checkpoint(model, adapter_dirs, output, weights=parsed, force=force, dtype=dtype,
+                          bits=int(bits) if bits else None)
     click.echo(f"wrote merged checkpoint to {out}")
 
 

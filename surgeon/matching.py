@@ -17,6 +17,7 @@ from torch import fx
 from surgeon.capturing import SUPPORTED_KINDS, CaptureInfo, ModuleInfo
 from surgeon.config import CLASSIFIER_HEADS, LoraConfig, TaskType
 from surgeon.errors import ConfigError, TargetNotFoundError, UnsupportedModuleError, suggest
+from surgeon.quant import QUANT_SITE_OPS
 
 ATEN = torch.ops.aten
 # op -> (kind of module it computes, index of the weight argument, index of the LoRA input)
@@ -25,6 +26,7 @@ SITE_OPS = {
     ATEN.addmm.default: ("conv1d", 2, 1),
     ATEN.embedding.default: ("embedding", 0, 1),
 }
+SITE_OPS.update({op: ("linear", w, 0) for op, w in QUANT_SITE_OPS.items()})  # quantized linears (packed weight)
 SUPPORTED_TYPES = "torch.nn.Linear, transformers Conv1D (GPT-2), torch.nn.Embedding"
 
 # What PEFT targets when target_modules is None (same facts as PEFT's defaults).

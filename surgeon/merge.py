@@ -30,6 +30,7 @@ class MergeOps:
         names = tuple(adapter_names or self.active_adapters)
         for name in names:
             self._known(name)
+        self._dequantize_base()
         shared = _shared_names(self.base)  # one walk for tied weights, not one per layer
         plan = []
         for layer in self._lora_layers():
@@ -74,6 +75,21 @@ class MergeOps:
         for p in self.base.parameters():
             p.requires_grad_(False)
         return self.base
+
+    def _dequantize_base(self) -> None:
+        """Merging into 4/8-bit weights ruins them; a quantized base is first dequantized (compute dtype)."""
+        from surgeon.quant import dequantize, is_quantized
+
+        if is_quantized(self.base):
+            count = dequantize(self.base)
+            for layer in self._lora_layers():  # GPT-2's layers are Conv1D again: [in, out] weights
+                if type(self.base.get_submodule(layer.path)).__name__ == "Conv1D":
+                    layer.kind = "conv1d"
+                    for adapter in layer.adapters.values():
+                        adapter.kind = "conv1d"
+            warnings.warn(f"merge: the base is quantized; {count} layers were dequantized to their compute dtype and "
+                          "the adapters are merged into those float weights", stacklevel=3)
+            self._graphs.clear()  # the graphs read the packed weights: capture again on next use
 
     def unload(self) -> nn.Module:
         """The base model without adapters (nothing merged)."""

@@ -45,6 +45,7 @@ class SurgeonModel(AdapterIO, MergeOps, nn.Module):
 
     def __init__(self, model: nn.Module, config: LoraConfig, adapter_name: str = "default", *, is_trainable: bool = True):
         super().__init__()
+        prepare_quantized(model)
         self.base_model = _Base(model)
         self.adapter_modules = nn.Module()  # surgeon_lora.* and surgeon_saved.*, shared by every graph
         self.peft_config: dict[str, LoraConfig] = {}
@@ -226,6 +227,10 @@ class SurgeonModel(AdapterIO, MergeOps, nn.Module):
         for _, p in self.named_parameters():
             total += p.numel()
             trainable += p.numel() if p.requires_grad else 0
+        from surgeon.quant import QuantLinear
+
+        # quantized weights are buffers; count them as PEFT counts Params4bit / Int8Params: in x out each
+        total += sum(m.in_features * m.out_features for m in self.base.modules() if isinstance(m, QuantLinear))
         return trainable, total
 
     def print_trainable_parameters(self) -> None:
@@ -268,3 +273,13 @@ def get_peft_model(model: nn.Module, peft_config: LoraConfig, adapter_name: str 
         raise AdapterError(f"get_peft_model takes a surgeon.LoraConfig, got {type(peft_config).__name__}; "
                            "build one with surgeon.LoraConfig(...) (same fields as peft.LoraConfig)")
     return SurgeonModel(model, peft_config, adapter_name)
+
+
+def prepare_quantized(model: nn.Module) -> None:
+    """A model transformers loaded with BitsAndBytesConfig: its bitsandbytes layers become ``QuantLinear``
+    (same packed storage, same outputs), which torch.export can capture; other quantizations are refused."""
+    from surgeon.quant import check_quant_config, from_bitsandbytes, has_bitsandbytes_layers
+
+    check_quant_config(getattr(getattr(model, "config", None), "quantization_config", None))
+    if has_bitsandbytes_layers(model):
+        from_bitsandbytes(model)

@@ -83,6 +83,12 @@ def export_onnx(model, out_dir: str | os.PathLike, adapters: list[str] | None = 
     names = list(adapters or model.peft_config)
     for name in names:
         model._known(name)
+    from surgeon.quant import QuantizationError, is_quantized
+
+    if is_quantized(model.base):
+        raise QuantizationError("ONNX export of a 4/8-bit base is not supported yet; fold the adapter into a float "
+                                "checkpoint (surgeon fold MODEL ADAPTER --bits N -o MERGED, or merge_and_unload) and "
+                                "export that")
     if merged and len(names) != 1:
         raise AdapterError(f"--merged folds exactly one adapter; got {len(names)} ({', '.join(names)})")
     model.eval()
