@@ -24,7 +24,8 @@ def _quiet() -> None:
 
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-    for name in ("torch.onnx", "torch._dynamo", "torch.export", "torch.fx.experimental.symbolic_shapes", "onnxscript"):
+    for name in ("torch.onnx", "torch._dynamo", "torch.export", "torch.fx.experimental.symbolic_shapes", "onnxscript",
+                 "bitsandbytes", "onnxruntime.quantization"):
         logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=UserWarning)
@@ -227,12 +228,13 @@ def _adapter_names(adapter_dirs, names):
 @click.option("--merged", is_flag=True, help="Fold the (single) adapter into the weights instead of switchable inputs.")
 @click.option("--kv-cache", is_flag=True,
               help="Export a decoder with past_key_values.* inputs and present.* outputs, for `surgeon generate`.")
+@click.option("--bits", type=click.Choice(["4", "8"]), default=None,
+              help="The adapters were trained on a 4/8-bit base: export the base with ONNX Runtime's MatMulNBits.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @friendly
-def export(model, adapter_dirs, output, names, merged, kv_cache, force):
+def export(model, adapter_dirs, output, names, merged, kv_cache, bits, force):
     """Export MODEL with ADAPTER_DIRS to ONNX: adapter weights as inputs + .onnx_adapter files."""
     _quiet()
-    from surgeon.hub import load_model
     from surgeon.model import SurgeonModel
     from surgeon.onnx.export import export_onnx
 
@@ -240,7 +242,7 @@ def export(model, adapter_dirs, output, names, merged, kv_cache, force):
     from surgeon.adapters import read_adapter_dir
 
     config, _ = read_adapter_dir(adapter_dirs[0])
-    base = load_model(model, task=config.task_type.value if config.task_type else None)
+    base = _load_base(model, bits, task=config.task_type.value if config.task_type else None)
     peft_model = SurgeonModel.from_pretrained(base, adapter_dirs[0], adapter_name=names[0])
     for name, directory in zip(names[1:], adapter_dirs[1:]):
         peft_model.load_adapter(directory, adapter_name=name)
@@ -264,8 +266,9 @@ def export(model, adapter_dirs, output, names, merged, kv_cache, force):
 @click.option("--top-k", default=0, show_default=True, type=int, help="Keep the k most likely tokens (0: all).")
 @click.option("--top-p", default=1.0, show_default=True, type=float, help="Nucleus sampling mass.")
 @click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--bits", type=click.Choice(["4", "8"]), default=None, help="A torch MODEL: load it 4/8-bit (QLoRA adapters).")
 @friendly
-def generate(model, adapters, with_base, prompt, max_new_tokens, sample, temperature, top_k, top_p, seed):
+def generate(model, adapters, with_base, prompt, max_new_tokens, sample, temperature, top_k, top_p, seed, bits):
     """Continue PROMPT with MODEL (a model or an `surgeon export --kv-cache` directory), streaming the text."""
     _quiet()
     from surgeon.textgen import generate_text
@@ -277,7 +280,8 @@ def generate(model, adapters, with_base, prompt, max_new_tokens, sample, tempera
     for adapter in runs:
         if len(runs) > 1:
             click.echo(f"--- {adapter or 'base (no adapter)'} ---")
-        generate_text(model, adapter, prompt, max_new_tokens, sampling, echo=lambda text: click.echo(text, nl=False))
+        generate_text(model, adapter, prompt, max_new_tokens, sampling, echo=lambda text: click.echo(text, nl=False),
+                      bits=int(bits) if bits else None)
         click.echo()
 
 

@@ -355,9 +355,11 @@ def _swap(model: nn.Module, path: str, module: nn.Module, tensors: dict[str, tor
     _set_module(model, path, layer)
 
 
-def dequantize(model: nn.Module, dtype: torch.dtype | None = None) -> int:
-    """Replace every ``QuantLinear`` by the float layer it came from (``nn.Linear`` or ``Conv1D``), weights
-    dequantized to ``dtype`` (default: the layer's compute dtype). Returns how many were replaced."""
+def dequantize(model: nn.Module, dtype: torch.dtype | None = None, *, as_linear: bool = False,
+               keep_config: bool = False) -> int:
+    """Replace every ``QuantLinear`` by the float layer it came from (``nn.Linear`` or ``Conv1D``; ``as_linear``:
+    always ``nn.Linear``), weights dequantized to ``dtype`` (default: the layer's compute dtype). Returns how many
+    were replaced."""
     count = 0
     for path, module in list(model.named_modules()):
         if not isinstance(module, QuantLinear):
@@ -365,7 +367,7 @@ def dequantize(model: nn.Module, dtype: torch.dtype | None = None) -> int:
         dt = dtype or module.spec.compute_dtype
         w = module.dequantized(torch.float32)
         bias = module.bias.detach().to(dt) if module.bias is not None else None
-        if module.source == "Conv1D":
+        if module.source == "Conv1D" and not as_linear:
             from transformers.pytorch_utils import Conv1D
 
             layer = Conv1D(module.out_features, module.in_features)
@@ -379,9 +381,134 @@ def dequantize(model: nn.Module, dtype: torch.dtype | None = None) -> int:
                 layer.bias = nn.Parameter(bias, requires_grad=False)
         _set_module(model, path, layer)
         count += 1
-    if hasattr(getattr(model, "config", None), "quantization_config"):
+    if not keep_config and hasattr(getattr(model, "config", None), "quantization_config"):
         del model.config.quantization_config
     return count
+
+
+def quant_bits(model: nn.Module) -> int | None:
+    """4 or 8 when ``model`` has ``QuantLinear`` layers (all of one width), else None."""
+    widths = {m.spec.bits for m in model.modules() if isinstance(m, QuantLinear)}
+    if len(widths) > 1:
+        raise QuantizationError(f"the model mixes {sorted(widths)}-bit layers; export supports one width")
+    return widths.pop() if widths else None
+
+
+@contextlib.contextmanager
+def dequantized_view(peft_model) -> Iterator[dict[str, QuantLinear]]:
+    """Within the block the base's quantized layers are float ``nn.Linear`` (fresh graphs); restored after."""
+    base = peft_model.base
+    saved = {path: m for path, m in base.named_modules() if isinstance(m, QuantLinear)}
+    graphs = dict(peft_model._graphs)
+    dequantize(base, torch.float32, as_linear=True, keep_config=True)
+    peft_model._graphs.clear()
+    try:
+        yield saved
+    finally:
+        for path, module in saved.items():
+            _set_module(base, path, module)
+        peft_model._graphs.clear()
+        peft_model._graphs.update(graphs)
+
+
+# `surgeon check` on a quantized export: max |ORT - torch| / max |torch| allowed. The ONNX model holds the same
+# packed weights (4-bit: com.microsoft.MatMulBnb4, nf4/fp4 as bitsandbytes packs them; 8-bit: DequantizeLinear
+# with the LLM.int8 row scales), so the difference is fp32 accumulation order: measured <= 1e-6 relative.
+CHECK_RTOL = {4: 1e-4, 8: 1e-4}
+
+
+def _fp32_absmax(layer: QuantLinear) -> torch.Tensor:
+    """Per-block scales as fp32 (double quantization undone exactly as bitsandbytes does)."""
+    if layer.nested_absmax is None:
+        return layer.absmax.float()
+    from bitsandbytes.functional import QuantState, dequantize_blockwise
+
+    _, _, nested_blocksize, _ = layer.meta4
+    state2 = QuantState(absmax=layer.nested_absmax, code=layer.nested_code, blocksize=nested_blocksize,
+                        dtype=torch.float32)
+    return dequantize_blockwise(layer.absmax, state2) + layer.offset
+
+
+def quantize_onnx_matmuls(path: Path, layers: dict[str, QuantLinear]) -> dict:
+    """Give each base ``MatMul`` whose constant weight is a ``QuantLinear``'s dequantized weight that layer's own
+    packed weight: 4-bit as ``com.microsoft.MatMulBnb4`` (nf4/fp4, bitsandbytes' layout), 8-bit as
+    ``DequantizeLinear`` (int8 + row scales) feeding the ``MatMul``. Adapter matmuls and the head stay float."""
+    import hashlib
+
+    import numpy as np
+    import onnx
+    from onnx import helper, numpy_helper
+
+    proto = onnx.load(str(path))  # with any external data
+    by_value = {}
+    for name, layer in layers.items():
+        w = layer.dequantized(torch.float32).t().contiguous().numpy()
+        by_value[(w.shape, hashlib.sha1(w.tobytes()).hexdigest())] = (name, layer)
+    inits = {i.name: i for i in proto.graph.initializer}
+    uses: dict[str, int] = {}
+    for node in proto.graph.node:
+        for name in node.input:
+            uses[name] = uses.get(name, 0) + 1
+    nodes, done, bits_seen, fallback = [], {}, set(), {}
+    for node in proto.graph.node:
+        init = inits.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) == 2 else None
+        hit = None
+        if init is not None and len(init.dims) == 2:
+            w = numpy_helper.to_array(init)
+            hit = by_value.get((w.shape, hashlib.sha1(np.ascontiguousarray(w, dtype=np.float32).tobytes()).hexdigest()))
+        if hit is None or hit[0] in done or hit[0] in fallback:
+            nodes.append(node)
+            continue
+        module, layer = hit
+        if layer.spec.bits == 4 and layer.in_features % layer.meta4[1]:
+            # MatMulBnb4's blocks run along K within a column; bitsandbytes' blocks cross rows when K is not a
+            # multiple of the block size: keep this layer's exact dequantized weight as a float MatMul
+            fallback[module] = node.input[1]
+            nodes.append(node)
+            continue
+        prefix = f"surgeon_q.{module}"
+        k, n = layer.in_features, layer.out_features
+        if layer.spec.bits == 4:
+            shape, blocksize, _, quant_type = layer.meta4
+            proto.graph.initializer.append(numpy_helper.from_array(layer.packed.reshape(-1).numpy(), f"{prefix}.packed"))
+            proto.graph.initializer.append(numpy_helper.from_array(_fp32_absmax(layer).numpy(), f"{prefix}.absmax"))
+            nodes.append(helper.make_node("MatMulBnb4", [node.input[0], f"{prefix}.packed", f"{prefix}.absmax"],
+                                          list(node.output), name=f"{node.name}_bnb4", domain="com.microsoft",
+                                          K=k, N=n, block_size=blocksize, quant_type=1 if quant_type == "nf4" else 0))
+        else:
+            weight_t = layer.weight_int8.t().contiguous().numpy()  # [K, N], the MatMul's B layout
+            scale = (layer.row_scale.float() / 127.0).numpy()
+            proto.graph.initializer.append(numpy_helper.from_array(weight_t, f"{prefix}.int8"))
+            proto.graph.initializer.append(numpy_helper.from_array(scale, f"{prefix}.scale"))
+            nodes.append(helper.make_node("DequantizeLinear", [f"{prefix}.int8", f"{prefix}.scale"], [f"{prefix}.weight"],
+                                          name=f"{node.name}_dq", axis=1))
+            nodes.append(helper.make_node("MatMul", [node.input[0], f"{prefix}.weight"], list(node.output), name=node.name))
+        done[module] = node.input[1]
+        bits_seen.add(layer.spec.bits)
+    missing = sorted(set(layers) - set(done) - set(fallback))
+    if missing:
+        raise QuantizationError(f"ONNX export: no MatMul found for quantized layers {', '.join(missing[:5])}")
+    del proto.graph.node[:]
+    proto.graph.node.extend(nodes)
+    dropped = {w for w in done.values() if uses.get(w, 0) == 1}
+    kept = [i for i in proto.graph.initializer if i.name not in dropped]
+    del proto.graph.initializer[:]
+    proto.graph.initializer.extend(kept)
+    if not any(o.domain == "com.microsoft" for o in proto.opset_import):
+        proto.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    external = path.with_name(path.name + ".data")
+    if external.exists():  # large models keep their weights beside the graph
+        external.unlink()
+        onnx.save(proto, str(path), save_as_external_data=True, location=external.name)
+    else:
+        onnx.save(proto, str(path))
+    bits = bits_seen.pop() if len(bits_seen) == 1 else next(iter({m.spec.bits for m in layers.values()}))
+    return {"bits": bits, "onnx_op": "com.microsoft.MatMulBnb4" if bits == 4 else "DequantizeLinear + MatMul",
+            "quantized_matmuls": len(done), "format": "bitsandbytes nf4/fp4 blocks" if bits == 4 else "int8 + row scales",
+            "float_fallback": sorted(fallback),
+            # ORT's QDQ optimizer would turn DequantizeLinear + MatMul into a matmul over dynamically quantized
+            # activations (about 0.5% off); AdapterSession disables it for 8-bit exports
+            "disabled_optimizers": ["QDQSelectorActionTransformer"] if bits == 8 else []}
 
 
 # ---- models transformers loaded with BitsAndBytesConfig ---------------------------------------------

@@ -89,14 +89,18 @@ def _export_tokenizer(path: str):
 
 
 @functools.lru_cache(maxsize=2)
-def _torch_model(model: str):
+def _torch_model(model: str, bits: int | None = None):
     from surgeon.hub import load_model, load_tokenizer
 
+    if bits:
+        from surgeon.quant import load_quantized
+
+        return load_quantized(model, bits=bits), load_tokenizer(model)
     return load_model(model).eval(), load_tokenizer(model)
 
 
 def generate_text(model: str, adapter: str | None, prompt: str, max_new_tokens: int, sampling: dict[str, Any],
-                  echo: Callable[[str], None]) -> str:
+                  echo: Callable[[str], None], bits: int | None = None) -> str:
     """Echo ``prompt`` and then its continuation as it is generated; return the continuation."""
     pieces: list[str] = []
 
@@ -113,7 +117,7 @@ def generate_text(model: str, adapter: str | None, prompt: str, max_new_tokens: 
         return "".join(pieces[1:])
     import torch
 
-    base, tokenizer = _torch_model(model)
+    base, tokenizer = _torch_model(model, bits)
     ids = tokenizer(prompt, return_tensors="pt")
     options = {"max_new_tokens": max_new_tokens, "do_sample": sampling["do_sample"],
                "pad_token_id": tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,

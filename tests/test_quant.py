@@ -113,6 +113,15 @@ def test_cli_train_and_fold_with_bits(tmp_path):
     assert result.exit_code == 0, result.output
     merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "m")
     assert type(merged.transformer.h[0].attn.c_attn).__name__ == "Conv1D"  # GPT-2's own layout again
+    result = runner.invoke(main, ["export", "tiny-gpt2", str(tmp_path / "qa"), "--bits", "4", "--kv-cache", "-o",
+                                  str(tmp_path / "onnx")])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(main, ["check", str(tmp_path / "onnx")])
+    assert result.exit_code == 0, result.output
+    onnx_text = runner.invoke(main, ["generate", str(tmp_path / "onnx"), "-a", "qa", "-p", "At dawn", "-n", "8"]).output
+    torch_text = runner.invoke(main, ["generate", "tiny-gpt2", "--bits", "4", "-a", str(tmp_path / "qa"), "-p", "At dawn",
+                                      "-n", "8"]).output
+    assert onnx_text.startswith("At dawn") and onnx_text == torch_text
     result = runner.invoke(main, ["inject", "tiny-gpt2", "--bits", "8", "--dry-run"])
     assert result.exit_code == 0 and "trainable params: 16,384 || all params: 1,039,104" in result.output
 
@@ -132,8 +141,62 @@ def test_bad_quantization_input(checkpoints, tmp_path):
     with pytest.raises(ConfigError, match="'awq' is not supported yet"):
         surgeon.get_peft_model(awq, surgeon.LoraConfig(target_modules=["q_proj"]))
     model = surgeon.get_peft_model(load_quantized(checkpoints["llama"], bits=4), surgeon.LoraConfig(target_modules=["q_proj"]))
-    with pytest.raises(QuantizationError, match="ONNX export of a 4/8-bit base is not supported yet"):
-        surgeon.export_onnx(model, tmp_path / "onnx")
+    with pytest.raises(QuantizationError, match="--merged with a 4/8-bit base is not supported"):
+        surgeon.export_onnx(model, tmp_path / "onnx", merged=True)
+    assert not (tmp_path / "onnx").exists()
     result = CliRunner().invoke(main, ["fold", "tiny-gpt2", str(tmp_path), "--bits", "4", "--format", "onnx", "-o",
                                        str(tmp_path / "x")])
     assert result.exit_code != 0 and "--bits with --format onnx is not supported yet" in result.output
+
+
+@pytest.fixture(scope="module")
+def llama64(tmp_path_factory):
+    """Hidden 64: bitsandbytes' 64-wide blocks then lie within rows, which MatMulBnb4 needs."""
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    directory = tmp_path_factory.mktemp("q-llama64")
+    transformers.LlamaForCausalLM(config).save_pretrained(directory)
+    return directory
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_onnx_export_keeps_the_packed_weights_and_float_adapters(llama64, tmp_path, bits):
+    import numpy as np
+    import onnx
+
+    from surgeon.checks import run_checks
+
+    model = surgeon.get_peft_model(load_quantized(llama64, bits=bits),
+                                   surgeon.LoraConfig(r=4, target_modules=TARGETS["llama"], init_lora_weights=False)).eval()
+    out = surgeon.export_onnx(model, tmp_path / "onnx", source=str(llama64))
+    assert any(isinstance(m, QuantLinear) for m in model.base.modules())  # the torch model is left quantized
+    ops = [n.op_type for n in onnx.load(str(out / "model.onnx")).graph.node]
+    quantized = sum(isinstance(m, QuantLinear) for m in model.base.modules())
+    # every frozen linear holds its packed weight; the head and the adapter matmuls stay float
+    assert ops.count("MatMulBnb4" if bits == 4 else "DequantizeLinear") == quantized
+    session = surgeon.AdapterSession(out)
+    b = batch("llama", b=2, s=9, pad_left=2)
+    feeds = {k: b[k].numpy() for k in ("input_ids", "attention_mask")}
+    real = feeds["attention_mask"].astype(bool)
+    with torch.no_grad():
+        want = model(**{k: b[k] for k in feeds}).logits.numpy()
+        with model.disable_adapter():
+            want_base = model(**{k: b[k] for k in feeds}).logits.numpy()
+    assert np.abs(session.run(feeds, adapter="default")["logits"] - want)[real].max() <= 1e-4
+    assert np.abs(session.run(feeds)["logits"] - want_base)[real].max() <= 1e-4
+    report = run_checks(out)
+    assert report.passed, report.text()
+
+
+def test_onnx_export_of_a_qlora_model_generates_like_torch(llama64, tmp_path):
+    import numpy as np
+
+    model = surgeon.get_peft_model(load_quantized(llama64, bits=4),
+                                   surgeon.LoraConfig(r=4, target_modules=TARGETS["llama"], init_lora_weights=False)).eval()
+    out = surgeon.export_onnx(model, tmp_path / "onnx", kv_cache=True)
+    ids = batch("llama", b=2, s=6)["input_ids"]
+    with torch.no_grad():
+        want = model.generate(input_ids=ids, max_new_tokens=6, do_sample=False, pad_token_id=0).numpy()
+    got = surgeon.AdapterSession(out).generate(ids.numpy(), adapter="default", max_new_tokens=6, pad_token_id=0)
+    np.testing.assert_array_equal(got, want)

@@ -75,7 +75,7 @@ def present_names(layers: int) -> list[str]:
 def export_onnx(model, out_dir: str | os.PathLike, adapters: list[str] | None = None, *, merged: bool = False,
                 force: bool = False, source: str | None = None, opset: int | None = None,
                 adapter_names: dict[str, str] | None = None, adapter_sources: dict[str, str] | None = None,
-                kv_cache: bool = False) -> Path:
+                kv_cache: bool = False, _quantize: dict | None = None) -> Path:
     """Write ``out_dir`` for a ``SurgeonModel``: switchable adapters, or ``merged=True`` for one folded adapter.
 
     ``kv_cache=True`` exports the decoder with the KV cache as inputs and outputs (prefill and decode in one model).
@@ -83,12 +83,17 @@ def export_onnx(model, out_dir: str | os.PathLike, adapters: list[str] | None = 
     names = list(adapters or model.peft_config)
     for name in names:
         model._known(name)
-    from surgeon.quant import QuantizationError, is_quantized
+    from surgeon.quant import QuantizationError, dequantized_view, quant_bits
 
-    if is_quantized(model.base):
-        raise QuantizationError("ONNX export of a 4/8-bit base is not supported yet; fold the adapter into a float "
-                                "checkpoint (surgeon fold MODEL ADAPTER --bits N -o MERGED, or merge_and_unload) and "
-                                "export that")
+    bits = quant_bits(model.base)
+    if bits and merged:
+        raise QuantizationError("--merged with a 4/8-bit base is not supported: fold the adapter into a float "
+                                "checkpoint (surgeon fold MODEL ADAPTER --bits N -o MERGED) and export that")
+    if bits:  # export the dequantized graph, then ONNX Runtime's MatMulNBits replaces the base matmuls
+        with dequantized_view(model) as layers:
+            return export_onnx(model, out_dir, adapters, force=force, source=source, opset=opset,
+                               adapter_names=adapter_names, adapter_sources=adapter_sources, kv_cache=kv_cache,
+                               _quantize=layers)
     if merged and len(names) != 1:
         raise AdapterError(f"--merged folds exactly one adapter; got {len(names)} ({', '.join(names)})")
     model.eval()
@@ -116,12 +121,19 @@ def export_onnx(model, out_dir: str | os.PathLike, adapters: list[str] | None = 
         else:
             program, loras = run_export(graph, InputFeed())
         _save(program, tmp / MODEL_FILE, loras, model, kv_layers=layout.layers if layout else 0)
+        quantized = None
+        if _quantize:
+            from surgeon.quant import quantize_onnx_matmuls
+
+            quantized = quantize_onnx_matmuls(tmp / MODEL_FILE, _quantize)
         written = {} if merged else write_adapters(model, names, loras, tmp / ADAPTER_DIR, adapter_names or {})
         copied = copy_tokenizer_files(source_dir(source), tmp) if source_dir(source) else []
         sources = {k: str(Path(v).resolve()) for k, v in (adapter_sources or {}).items()}
         extra = {"merged_source": sources.get(names[0])} if merged else {"adapter_sources": sources}
         if layout is not None:
             extra["generation"] = generation_facts(model, layout)
+        if quantized:
+            extra["quantization"] = quantized
         write_manifest(tmp, model, loras, written, merged=names[0] if merged else None, source=source,
                        tokenizer=bool(copied), kv_cache=layout is not None, extra=extra)
 

@@ -60,7 +60,9 @@ class AdapterSession:
         if intra_op_threads:
             options.intra_op_num_threads = intra_op_threads
         self.providers = providers or default_providers()
-        self.session = ort.InferenceSession(str(self.dir / self.manifest["model"]), options, providers=self.providers)
+        disabled = (self.manifest.get("quantization") or {}).get("disabled_optimizers") or []
+        self.session = ort.InferenceSession(str(self.dir / self.manifest["model"]), options, providers=self.providers,
+                                            **({"disabled_optimizers": disabled} if disabled else {}))
         # Adapter inputs carry rank-0 default initializers, so ORT lists them as overridable initializers.
         overridable = list(self.session.get_overridable_initializers()) + list(self.session.get_inputs())
         self.lora_inputs = {i.name: i for i in overridable if i.name.endswith((".lora_A.weight", ".lora_B.weight"))}
