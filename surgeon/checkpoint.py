@@ -96,7 +96,7 @@ def load_with_adapters(model: str, adapter_dirs: Sequence[str], weights: Sequenc
 
 def fold_checkpoint(model: str, adapter_dirs: Sequence[str], out: str | os.PathLike, *,
                     weights: Sequence[float] | None = None, force: bool = False, dtype: str | None = None,
-                    bits: int | None = None) -> Path:
+                    bits: int | None = None, requantize: bool = False, on_report=None) -> Path:
     """Load ``model``, add each adapter (weighted sum when several), merge, write a checkpoint to ``out``.
 
     ``bits`` loads the base quantized as the adapter was trained (QLoRA); the merge then goes into the
@@ -115,11 +115,55 @@ def fold_checkpoint(model: str, adapter_dirs: Sequence[str], out: str | os.PathL
     if dtype:
         merged = merged.to(getattr(torch, dtype))
 
+    report: dict = {}
+
     def fill(tmp: Path) -> None:
-        merged.save_pretrained(tmp, safe_serialization=True)
+        if requantize:
+            report.update(requantize_checkpoint(merged, tmp, bits=bits or 4))
+        else:
+            merged.save_pretrained(tmp, safe_serialization=True)
         copy_tokenizer_files(model_dir(model), tmp)
 
-    return write_dir_atomically(out, fill, force=force)
+    written = write_dir_atomically(out, fill, force=force)
+    if on_report is not None and report:
+        on_report(report)
+    return written
+
+
+def requantize_checkpoint(merged, out: Path, *, bits: int) -> dict:
+    """Save ``merged`` quantized again (transformers' bitsandbytes serialization, loadable with
+    ``from_pretrained``) and return the relative error each quantized weight picked up."""
+    import tempfile
+
+    import torch
+    import transformers
+    from bitsandbytes.functional import dequantize_4bit
+
+    with tempfile.TemporaryDirectory(dir=out.parent) as staging:
+        merged.save_pretrained(staging, safe_serialization=True)
+        config = transformers.BitsAndBytesConfig(
+            load_in_4bit=bits == 4, load_in_8bit=bits == 8, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.float32)
+        quantized = transformers.AutoModelForCausalLM.from_pretrained(staging, quantization_config=config,
+                                                                      device_map="cpu")
+        quantized.save_pretrained(out, safe_serialization=True)
+    floats = dict(merged.named_modules())
+    errors = {}
+    for path, module in quantized.named_modules():
+        weight = getattr(module, "weight", None)
+        state = getattr(weight, "quant_state", None)
+        scb = getattr(weight, "SCB", None)
+        if state is None and scb is None:
+            continue
+        w = floats[path].weight.detach().float()
+        if type(floats[path]).__name__ == "Conv1D":
+            w = w.t()
+        back = dequantize_4bit(weight.data, state).float() if state is not None else \
+            weight.data.float() * (scb.float() / 127).unsqueeze(1)
+        errors[path] = float((back - w).norm() / w.norm().clamp_min(1e-12))
+    worst = max(errors, key=errors.get) if errors else None
+    return {"bits": bits, "layers": len(errors), "mean_relative_error": sum(errors.values()) / max(len(errors), 1),
+            "max_relative_error": errors.get(worst, 0.0), "worst_layer": worst}
 
 
 def fold_onnx(model: str, adapter_dirs: Sequence[str], out: str | os.PathLike, *,

@@ -183,9 +183,11 @@ def train(model, data, heldout, targets, rank, alpha, dropout, all_linear, steps
 @click.option("--kv-cache", is_flag=True, help="With --format onnx: a decoder with KV cache inputs/outputs (for generation).")
 @click.option("--bits", type=click.Choice(["4", "8"]), default=None,
               help="The adapter was trained on a 4/8-bit base: merge into the dequantized weights (a float checkpoint).")
+@click.option("--requantize", is_flag=True,
+              help="With --bits: quantize the merged model again (bitsandbytes checkpoint) and print the error it adds.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @friendly
-def fold(model, adapter_dirs, output, weights, dtype, fmt, kv_cache, bits, force):
+def fold(model, adapter_dirs, output, weights, dtype, fmt, kv_cache, bits, requantize, force):
     """Fold ADAPTER_DIRS into MODEL's weights and write a checkpoint AutoModel*.from_pretrained loads."""
     _quiet()
     from surgeon.checkpoint import fold_checkpoint, fold_onnx
@@ -206,8 +208,16 @@ def fold(model, adapter_dirs, output, weights, dtype, fmt, kv_cache, bits, force
         return
     if kv_cache:
         raise click.BadParameter("--kv-cache applies to --format onnx")
+    if requantize and not bits:
+        raise click.BadParameter("--requantize needs --bits 4 or 8 (the width to quantize the merged model to)")
+
+    def show(report):
+        click.echo(f"re-quantized {report['layers']} layers to {report['bits']} bits: relative weight error "
+                   f"mean {report['mean_relative_error']:.4f}, max {report['max_relative_error']:.4f} "
+                   f"({report['worst_layer']}); the float merge is exact, this is what quantizing it again costs")
+
     out = fold_checkpoint(model, adapter_dirs, output, weights=parsed, force=force, dtype=dtype,
-                          bits=int(bits) if bits else None)
+                          bits=int(bits) if bits else None, requantize=requantize, on_report=show)
     click.echo(f"wrote merged checkpoint to {out}")
 
 

@@ -288,7 +288,6 @@ def load_quantized(directory: str | Path, bits: int = 4, *, quant_type: str = "n
     is the quantized model plus one float tensor at a time.
     """
     import transformers
-    from safetensors import safe_open
 
     from surgeon.hub import model_dir
 
@@ -306,19 +305,17 @@ def load_quantized(directory: str | Path, bits: int = 4, *, quant_type: str = "n
     params = dict(model.named_parameters())
     pending: dict[str, dict[str, torch.Tensor]] = {}
     for file in _weight_files(directory):
-        with safe_open(str(file), framework="pt") as f:
-            for key in f.keys():
-                name = _param_name(key, params)
-                if name is None:
-                    continue
-                owner, _, leaf = name.rpartition(".")
-                tensor = f.get_tensor(key)
-                if owner in targets:
-                    pending.setdefault(owner, {})[leaf] = tensor
-                    if "weight" in pending[owner] and ("bias" in pending[owner] or targets[owner].bias is None):
-                        _swap(model, owner, targets[owner], pending.pop(owner), spec)
-                else:
-                    _assign(model, name, tensor, params[name])
+        for key, tensor in read_tensors(file):
+            name = _param_name(key, params)
+            if name is None:
+                continue
+            owner, _, leaf = name.rpartition(".")
+            if owner in targets:
+                pending.setdefault(owner, {})[leaf] = tensor
+                if "weight" in pending[owner] and ("bias" in pending[owner] or targets[owner].bias is None):
+                    _swap(model, owner, targets[owner], pending.pop(owner), spec)
+            else:
+                _assign(model, name, tensor, params[name])
     for owner, got in pending.items():
         _swap(model, owner, targets[owner], got, spec)
     if hasattr(model, "tie_weights"):
@@ -328,6 +325,41 @@ def load_quantized(directory: str | Path, bits: int = 4, *, quant_type: str = "n
         raise QuantizationError(f"{directory}: the checkpoint has no tensor for {', '.join(missing[:5])}")
     model.requires_grad_(False)
     return model.eval()
+
+
+_SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
+                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                       "BOOL": torch.bool}
+
+
+def read_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """Each tensor of a safetensors file, read with plain reads into its own buffer, in file order.
+
+    No memory map: mapped file pages would count in the process's resident memory until the file is
+    closed, which is the whole checkpoint; here only the tensor being quantized is resident.
+    """
+    import os
+
+    with open(path, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+        start = 8 + size
+        entries = sorted(((k, v) for k, v in header.items() if k != "__metadata__"), key=lambda kv: kv[1]["data_offsets"][0])
+        for key, entry in entries:
+            dtype = _SAFETENSORS_DTYPES.get(entry["dtype"])
+            if dtype is None:
+                raise QuantizationError(f"{path}: tensor {key} has dtype {entry['dtype']}, which surgeon does not read")
+            begin, end = entry["data_offsets"]
+            buffer = bytearray(end - begin)
+            view = memoryview(buffer)
+            got = 0
+            while got < len(buffer):
+                n = os.preadv(f.fileno(), [view[got:]], start + begin + got)
+                if n <= 0:
+                    raise QuantizationError(f"{path}: truncated at tensor {key}")
+                got += n
+            tensor = torch.frombuffer(buffer, dtype=dtype) if buffer else torch.empty(0, dtype=dtype)
+            yield key, tensor.reshape(entry["shape"])
 
 
 def _param_name(key: str, params: dict) -> str | None:

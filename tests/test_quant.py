@@ -37,9 +37,9 @@ def checkpoints(tmp_path_factory):
     return out
 
 
-def bnb_load(directory, bits):
-    config = transformers.BitsAndBytesConfig(load_in_4bit=bits == 4, load_in_8bit=bits == 8, bnb_4bit_quant_type="nf4",
-                                             bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32)
+def bnb_load(directory, bits, quant_type="nf4", compute=torch.float32, double=True):
+    config = transformers.BitsAndBytesConfig(load_in_4bit=bits == 4, load_in_8bit=bits == 8, bnb_4bit_quant_type=quant_type,
+                                             bnb_4bit_use_double_quant=double, bnb_4bit_compute_dtype=compute)
     return transformers.AutoModelForCausalLM.from_pretrained(directory, quantization_config=config, device_map="cpu")
 
 
@@ -71,10 +71,10 @@ def test_qlora_matches_peft_logits_and_gradients(checkpoints, tmp_path, name, bi
     assert (trainable, total) == ref.get_nb_trainable_parameters()  # PEFT counts packed weights as in x out
 
 
-@pytest.mark.parametrize("bits", [4, 8])
-def test_loader_quantizes_while_reading_like_transformers(checkpoints, bits):
-    mine = load_quantized(checkpoints["llama"], bits=bits)
-    theirs = bnb_load(checkpoints["llama"], bits)
+@pytest.mark.parametrize("bits, quant_type, double", [(4, "nf4", True), (4, "fp4", False), (8, "nf4", False)])
+def test_loader_quantizes_while_reading_like_transformers(checkpoints, bits, quant_type, double):
+    mine = load_quantized(checkpoints["llama"], bits=bits, quant_type=quant_type, double_quant=double)
+    theirs = bnb_load(checkpoints["llama"], bits, quant_type, double=double)
     surgeon.model.prepare_quantized(theirs)
     assert not any(p.device.type == "meta" for p in mine.parameters())
     assert isinstance(mine.lm_head, torch.nn.Linear)  # the head stays float
@@ -84,6 +84,19 @@ def test_loader_quantizes_while_reading_like_transformers(checkpoints, bits):
     for m in (m for m in mine.modules() if isinstance(m, QuantLinear)):  # half a byte / one byte per weight
         weight = m.packed if bits == 4 else m.weight_int8
         assert weight.numel() * weight.element_size() == m.in_features * m.out_features * bits // 8
+
+
+def test_bf16_compute_matches_peft(checkpoints, tmp_path):
+    config = dict(r=4, lora_alpha=8, target_modules=TARGETS["llama"], init_lora_weights=False, lora_dropout=0.0)
+    torch.manual_seed(0)
+    ref = peft.get_peft_model(bnb_load(checkpoints["llama"], 4, compute=torch.bfloat16), peft.LoraConfig(**config))
+    ref.save_pretrained(tmp_path / "a")
+    ours = surgeon.PeftModel.from_pretrained(load_quantized(checkpoints["llama"], bits=4, compute_dtype="bfloat16"),
+                                             tmp_path / "a", is_trainable=True)
+    ref.train()
+    ours.train()
+    b = batch("llama", b=2, s=9)
+    assert torch.equal(ref(**b).logits, ours(**b).logits)
 
 
 @pytest.mark.parametrize("name", list(TARGETS))
@@ -200,3 +213,21 @@ def test_onnx_export_of_a_qlora_model_generates_like_torch(llama64, tmp_path):
         want = model.generate(input_ids=ids, max_new_tokens=6, do_sample=False, pad_token_id=0).numpy()
     got = surgeon.AdapterSession(out).generate(ids.numpy(), adapter="default", max_new_tokens=6, pad_token_id=0)
     np.testing.assert_array_equal(got, want)
+
+
+def test_fold_can_requantize_and_reports_the_error(tmp_path):
+    runner = CliRunner()
+    torch.manual_seed(0)
+    model = surgeon.get_peft_model(load_quantized("tiny-gpt2", bits=4),
+                                   surgeon.LoraConfig(r=4, target_modules=["c_attn"], init_lora_weights=False))
+    model.save_pretrained(tmp_path / "qa")
+    result = runner.invoke(main, ["fold", "tiny-gpt2", str(tmp_path / "qa"), "--requantize", "-o", str(tmp_path / "x")])
+    assert result.exit_code != 0 and "--requantize needs --bits" in result.output
+    result = runner.invoke(main, ["fold", "tiny-gpt2", str(tmp_path / "qa"), "--bits", "4", "--requantize", "-o",
+                                  str(tmp_path / "m")])
+    assert result.exit_code == 0, result.output
+    line = next(x for x in result.output.splitlines() if x.startswith("re-quantized"))
+    mean = float(line.split("mean ")[1].split(",")[0])
+    assert 0.0 < mean < 0.2  # nf4 of a merged weight: a few percent
+    again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "m", device_map="cpu")
+    assert type(again.transformer.h[0].attn.c_attn).__name__ == "Linear4bit"  # loads quantized, as saved
