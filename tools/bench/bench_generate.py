@@ -30,7 +30,6 @@ floor line divides by read + written bytes per second instead (the stricter boun
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 import tempfile
@@ -225,10 +224,7 @@ def parent(args) -> int:
                 shutil.rmtree(root, ignore_errors=True)
         report(name, info, results, bw["touched_gbs"] * 1e9, args.batch_list, args.new)
         everything[name] = {"info": info, "results": {k: v["s"] for k, v in results.items()}}
-    print(f"end: {h.load_line()}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(everything, indent=2))
-    return 0
+    return h.finish(args.json, everything)
 
 
 def parse(argv=None) -> argparse.Namespace:

@@ -19,7 +19,6 @@ Options: ``--models llama``, ``--steps``, ``--threads``, ``--keep DIR``, ``--jso
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 import tempfile
@@ -121,10 +120,7 @@ def parent(args) -> int:
               f"{s['train_peak_mb'] / p['train_peak_mb']:.2f}x, overall peak {mem:.2f}x (goal <= {GOAL_MEMORY}: "
               f"{verdict(mem <= GOAL_MEMORY)}), step {step:.2f}x (goal <= {GOAL_STEP}: {verdict(step <= GOAL_STEP)}), "
               f"step live tensors {s['step_live_mb'] / p['step_live_mb']:.2f}x")
-    print(f"end: {h.load_line()}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(everything, indent=2))
-    return 0
+    return h.finish(args.json, everything)
 
 
 def parse(argv=None) -> argparse.Namespace:

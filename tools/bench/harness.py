@@ -235,6 +235,16 @@ def run_worker(script: str, args: Sequence[str]) -> dict[str, Any]:
     return json.loads(lines[-1])
 
 
+def finish(json_path: str | None, everything: dict[str, Any]) -> int:
+    """Print the end load line and write every result as JSON when asked; the exit status of a parent."""
+    print(f"end: {load_line()}")
+    if json_path:
+        from pathlib import Path
+
+        Path(json_path).write_text(json.dumps(everything, indent=2))
+    return 0
+
+
 def cpu_seconds() -> tuple[float, float]:
     """(busy, total) CPU seconds of the whole machine since boot, all cores (from /proc/stat)."""
     with open("/proc/stat") as f:
