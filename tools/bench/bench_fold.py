@@ -49,10 +49,7 @@ LORA = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.0, "init_lora_weights": Fal
 # name -> (transformers config class, full-size kwargs, --quick kwargs, LoRA targets)
 MODELS = {
     "gpt2": ("GPT2Config", h.MODELS["gpt2"][1], h.MODELS["gpt2"][2], ["c_attn", "c_proj"]),
-    "llama1b": ("LlamaConfig",
-                {"hidden_size": 2048, "num_hidden_layers": 16, "num_attention_heads": 32, "num_key_value_heads": 32,
-                 "intermediate_size": 5504, "vocab_size": 32000, "max_position_embeddings": 2048},
-                h.MODELS["llama"][2], ["q_proj", "k_proj", "v_proj", "o_proj"]),
+    "llama1b": (*h.MODELS["llama1b"][:3], ["q_proj", "k_proj", "v_proj", "o_proj"]),
 }
 
 
