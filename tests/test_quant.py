@@ -119,7 +119,7 @@ def test_fold_goes_into_a_dequantized_float_checkpoint(checkpoints, tmp_path, na
 
 def test_cli_train_and_fold_with_bits(tmp_path):
     runner = CliRunner()
-    result = runner.invoke(main, ["train", "--bits", "4", "--steps", "3", "-o", str(tmp_path / "qa")])
+    result = runner.invoke(main, ["train", "--bits", "4", "--steps", "3", "--eval-blocks", "2", "-o", str(tmp_path / "qa")])
     assert result.exit_code == 0, result.output
     assert "held-out loss" in result.output
     result = runner.invoke(main, ["fold", "tiny-gpt2", str(tmp_path / "qa"), "--bits", "4", "-o", str(tmp_path / "m")])
@@ -128,8 +128,6 @@ def test_cli_train_and_fold_with_bits(tmp_path):
     assert type(merged.transformer.h[0].attn.c_attn).__name__ == "Conv1D"  # GPT-2's own layout again
     result = runner.invoke(main, ["export", "tiny-gpt2", str(tmp_path / "qa"), "--bits", "4", "--kv-cache", "-o",
                                   str(tmp_path / "onnx")])
-    assert result.exit_code == 0, result.output
-    result = runner.invoke(main, ["check", str(tmp_path / "onnx")])
     assert result.exit_code == 0, result.output
     onnx_text = runner.invoke(main, ["generate", str(tmp_path / "onnx"), "-a", "qa", "-p", "At dawn", "-n", "8"]).output
     torch_text = runner.invoke(main, ["generate", "tiny-gpt2", "--bits", "4", "-a", str(tmp_path / "qa"), "-p", "At dawn",

@@ -48,7 +48,7 @@ def test_generation_examples_run_as_written(tmp_path, capsys):
     cwd = os.getcwd()
     os.chdir(tmp_path)
     try:
-        for args in (["train", "--steps", "2", "-o", "runs/demo-adapter"],
+        for args in (["train", "--steps", "2", "--eval-blocks", "1", "-o", "runs/demo-adapter"],
                      ["export", "tiny-gpt2", "runs/demo-adapter", "-o", "runs/demo-onnx", "--kv-cache", "--force"]):
             result = CliRunner().invoke(main, args)
             assert result.exit_code == 0, result.output
