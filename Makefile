@@ -1,6 +1,6 @@
 # make demo: fine-tune the embedded tiny GPT-2 on the bundled text, show the loss drop, export it to ONNX with
 #            a KV cache and generate through ONNX Runtime with the trained adapter and without it.
-# make test: the whole test suite (about 12 minutes on 2 cores).
+# make test: the whole test suite (12-16 minutes on 2 cores).
 # Both create .venv when it is missing: CPU torch 2.13.0 first, then the project with its test extra.
 VENV ?= .venv
 PY := $(VENV)/bin/python
