@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from surgeon.onnx.runtime import AdapterSession, read_manifest
+from surgeon.onnx.runtime import AdapterSession, empty_past, read_manifest
 
 DEFAULT_ATOL = 1e-4
 
@@ -128,7 +128,7 @@ def _numbers(manifest: dict, session: AdapterSession, reference: str | None, rep
         for b, s in ((1, 7), (3, 12)):
             feeds = _feeds(ref.base.config, session.input_names, b, s, causal)
             run_adapter = None if manifest.get("merged_adapter") else adapter
-            out = session.run({**feeds, **_empty_past(manifest, b)} if kv else feeds, adapter=run_adapter)
+            out = session.run({**feeds, **empty_past(manifest['generation'], b)} if kv else feeds, adapter=run_adapter)
             want = _torch_logits(ref, feeds, adapter)
             scale = max(scale, float(np.abs(want).max()))
             worst = max(worst, _max_diff(out["logits"], want, feeds["attention_mask"]))
@@ -145,16 +145,6 @@ def _numbers(manifest: dict, session: AdapterSession, reference: str | None, rep
         if kv:
             report.add(f"{label}_decode_vs_torch", step_worst <= tol,
                        f"one decode step on the KV cache: max |ORT - torch| = {step_worst:.3g} ({how})", step_worst)
-
-
-def _empty_past(manifest: dict, batch: int) -> dict[str, np.ndarray]:
-    facts = manifest["generation"]
-    dtype = np.dtype(facts.get("cache_dtype", "float32"))
-    past = {}
-    for i in range(facts["layers"]):
-        past[f"past_key_values.{i}.key"] = np.zeros((batch, facts["kv_heads"][i], 0, facts["key_dim"][i]), dtype)
-        past[f"past_key_values.{i}.value"] = np.zeros((batch, facts["kv_heads"][i], 0, facts["value_dim"][i]), dtype)
-    return past
 
 
 def _decode_step_diff(session: AdapterSession, ref, feeds: dict, prefill: dict, run_adapter, adapter) -> float:

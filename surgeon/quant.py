@@ -269,12 +269,16 @@ def _weight_files(directory: Path) -> list[Path]:
     raise QuantizationError(f"{directory}: no model.safetensors (or index); surgeon reads safetensors checkpoints only")
 
 
+def _quant_method(qc) -> str | None:
+    method = qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", None)
+    return getattr(method, "value", method)
+
+
 def check_not_prequantized(config, directory: Path) -> None:
     qc = getattr(config, "quantization_config", None)
     if qc is None:
         return
-    method = qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", None)
-    method = getattr(method, "value", method)
+    method = _quant_method(qc)
     raise QuantizationError(f"{directory}: the checkpoint is already quantized ({method}); surgeon quantizes float "
                             "checkpoints while loading (bitsandbytes 4/8-bit) and does not support "
                             f"{str(method).upper()} checkpoints yet; use the float checkpoint")
@@ -592,7 +596,6 @@ def check_quant_config(value) -> None:
     """Reject quantization configs other than bitsandbytes with the name of what was found."""
     if value is None:
         return
-    method = value.get("quant_method") if isinstance(value, dict) else getattr(value, "quant_method", None)
-    method = getattr(method, "value", method)
+    method = _quant_method(value)
     if method not in (None, "bitsandbytes"):
         raise ConfigError(f"quantization {method!r} is not supported yet (surgeon supports bitsandbytes 4-bit and 8-bit)")

@@ -221,8 +221,9 @@ def generation_facts(model, layout) -> dict[str, Any]:
 
     eos = ids(getattr(gen, "eos_token_id", None)) or ids(getattr(config, "eos_token_id", None))
     pad = ids(getattr(gen, "pad_token_id", None)) or ids(getattr(config, "pad_token_id", None))
-    context = next((int(getattr(config, k)) for k in ("max_position_embeddings", "n_positions")
-                    if isinstance(getattr(config, k, None), int)), None)
+    from surgeon.generation import context_length
+
+    context = context_length(model.base)
     return {"layers": layout.layers, "kv_heads": list(layout.key_heads), "key_dim": list(layout.key_dims),
             "value_dim": list(layout.value_dims), "cache_dtype": str(layout.dtype).removeprefix("torch."),
             "eos_token_id": eos, "pad_token_id": pad[0] if pad else None, "context_length": context,

@@ -170,12 +170,7 @@ class AdapterSession:
         pad = pad_token_id if pad_token_id is not None else facts.get("pad_token_id")
         pad = pad if pad is not None else (min(eos) if eos else 0)
         rng = np.random.default_rng(seed)
-        cache_dtype = np.dtype(facts.get("cache_dtype", "float32"))
-        past = {}
-        for i in range(facts["layers"]):
-            heads = facts["kv_heads"][i]
-            past[f"past_key_values.{i}.key"] = np.zeros((batch, heads, 0, facts["key_dim"][i]), cache_dtype)
-            past[f"past_key_values.{i}.value"] = np.zeros((batch, heads, 0, facts["value_dim"][i]), cache_dtype)
+        past = empty_past(facts, batch)
         tokens, step_ids = ids, ids
         done = np.zeros(batch, dtype=bool)
         for _ in range(max_new_tokens):
@@ -194,6 +189,16 @@ class AdapterSession:
             mask = np.concatenate([mask, np.ones((batch, 1), np.int64)], axis=1)
             step_ids = nxt[:, None]
         return tokens
+
+
+def empty_past(facts: dict, batch: int) -> dict[str, np.ndarray]:
+    """The prefill's past: one zero-length ``past_key_values.{i}.key/value`` per layer (manifest ``generation`` facts)."""
+    dtype = np.dtype(facts.get("cache_dtype", "float32"))
+    past = {}
+    for i in range(facts["layers"]):
+        past[f"past_key_values.{i}.key"] = np.zeros((batch, facts["kv_heads"][i], 0, facts["key_dim"][i]), dtype)
+        past[f"past_key_values.{i}.value"] = np.zeros((batch, facts["kv_heads"][i], 0, facts["value_dim"][i]), dtype)
+    return past
 
 
 def pick_tokens(logits: np.ndarray, rng: np.random.Generator, do_sample: bool, temperature: float, top_k: int,
