@@ -15,8 +15,14 @@ class AutoPeftModel:
     task: str | None = None
 
     @classmethod
-    def from_pretrained(cls, adapter_dir: str, adapter_name: str = "default", is_trainable: bool = False, **_: Any):
+    def from_pretrained(cls, adapter_dir: str, adapter_name: str = "default", is_trainable: bool = False,
+                        **kwargs: Any):
+        from surgeon.compat import check_kwargs
         from surgeon.hub import load_model
+
+        check_kwargs(f"{cls.__name__}.from_pretrained", kwargs, ("adapter_dir", "adapter_name", "is_trainable"),
+                     "surgeon loads the base named in adapter_config.json as it is; to load it another way, "
+                     "load it yourself and call PeftModel.from_pretrained(base, adapter_dir)")
         from surgeon.model import SurgeonModel
 
         config, _tensors = read_adapter_dir(adapter_dir)

@@ -124,6 +124,9 @@ class LoraConfig:
 
     def replace(self, **changes: Any) -> LoraConfig:
         """A copy with ``changes`` applied (and validated)."""
+        from surgeon.compat import check_kwargs
+
+        check_kwargs("LoraConfig.replace", changes, [f.name for f in dataclasses.fields(self)])
         return dataclasses.replace(self, **changes)
 
     # ---- PEFT JSON --------------------------------------------------------------------

@@ -47,6 +47,10 @@ class DataError(SurgeonError, ValueError):
     """Training data is missing or too small to use."""
 
 
+class UnknownArgumentError(SurgeonError, TypeError):
+    """A keyword argument that no part of surgeon (or what it calls) would use."""
+
+
 def suggest(name: str, choices: Iterable[str], n: int = 3) -> list[str]:
     """The nearest names to ``name`` among ``choices``, best first.
 

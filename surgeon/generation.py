@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from surgeon.compat import NEW_CACHE_NAME, OLD_CACHE_NAME, cache_name, check_kwargs, generate_cache_name, output_cache
 from surgeon.errors import SurgeonError
 
 DECODE_KEY = ("decode", "input_ids", "attention_mask", "position_ids", "past")  # the graph's key in SurgeonModel._graphs
@@ -71,8 +72,8 @@ def cache_layout(model: nn.Module) -> CacheLayout:
     device = next(model.parameters()).device
     ids = torch.ones(1, 2, dtype=torch.long, device=device)
     with torch.no_grad():
-        out = model(input_ids=ids, past_key_values=DynamicCache(), use_cache=True)
-    layers = out.past_key_values.layers
+        out = model(input_ids=ids, **{cache_name(model): DynamicCache()}, use_cache=True)
+    layers = output_cache(out).layers
     return CacheLayout(len(layers), tuple(int(x.keys.shape[1]) for x in layers), tuple(int(x.keys.shape[3]) for x in layers),
                        tuple(int(x.values.shape[3]) for x in layers), layers[0].keys.dtype)
 
@@ -95,12 +96,13 @@ def cache_from_flat(past: list[torch.Tensor] | tuple[torch.Tensor, ...]):
 def decode_forward(model: nn.Module):
     """The function traced for the decode signature; it calls the model's own (class) forward."""
     original = type(model).forward
+    name = cache_name(model)
 
     def forward(input_ids, attention_mask, position_ids, past):
         cache = cache_from_flat(past)
         out = original(model, input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                       past_key_values=cache, use_cache=True)
-        presents = [t for layer in out.past_key_values.layers for t in (layer.keys, layer.values)]
+                       use_cache=True, **{name: cache})
+        presents = [t for layer in output_cache(out).layers for t in (layer.keys, layer.values)]
         return out.logits, presents
 
     return forward
@@ -161,37 +163,88 @@ def positions_from_mask(mask: torch.Tensor, seq: int) -> torch.Tensor:
     return pos[:, -seq:]
 
 
+# What transformers' generate may hand the forward besides ids, mask, positions and the cache, and the only
+# values the decode graph can honour (anything else is refused by name, never dropped).
+FIXED_FLAGS = {"use_cache": (None, True), "return_dict": (None, True), "output_attentions": (None, False),
+               "output_hidden_states": (None, False)}
+
+
 def graph_forward(model, graph, layout: CacheLayout):
-    """A forward with the base model's signature that runs ``graph`` (the injected decode graph)."""
+    """A forward with the base model's signature that runs ``graph`` (the injected decode graph).
+
+    It takes the cache under the name the installed transformers uses (``surgeon.compat.cache_name``)
+    and refuses every other keyword by name, so a renamed argument upstream fails loudly instead of
+    starting an empty cache at every step.
+    """
     from transformers import DynamicCache
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
     base = model.base
+    name = cache_name(base)
+    valid = {"input_ids", "attention_mask", "position_ids", "logits_to_keep", "inputs_embeds", "cache_position",
+             name, *FIXED_FLAGS}
 
     @functools.wraps(base.forward)
-    def forward(input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                logits_to_keep=0, inputs_embeds=None, **_ignored):
-        if inputs_embeds is not None and input_ids is None:
+    def forward(**kwargs):
+        check_kwargs(f"{type(base).__name__}.forward (surgeon decode graph)", kwargs, valid,
+                     "the decode graph takes only the arguments transformers' generate passes for a decoder")
+        for flag, allowed in FIXED_FLAGS.items():
+            if kwargs.get(flag) not in allowed:
+                raise GenerationError(f"{flag}={kwargs[flag]!r} is not supported by the decode graph "
+                                      f"(it returns logits and the cache only)")
+        input_ids, cache = kwargs.get("input_ids"), kwargs.get(name)
+        if kwargs.get("inputs_embeds") is not None and input_ids is None:
             raise GenerationError("generate with inputs_embeds is not supported by the decode graph; pass input_ids")
-        if past_key_values is not None and not isinstance(past_key_values, DynamicCache):
-            raise GenerationError(f"the decode graph keeps a DynamicCache; got {type(past_key_values).__name__} "
+        if cache is not None and not isinstance(cache, DynamicCache):
+            raise GenerationError(f"the decode graph keeps a DynamicCache; got {type(cache).__name__} "
                                   "(leave cache_implementation unset)")
-        cache = past_key_values if past_key_values is not None else DynamicCache()
+        cache = cache if cache is not None else DynamicCache()
         batch, seq = input_ids.shape
         past = flat_past(cache, layout, batch, input_ids.device)
         total = past[0].shape[2] + seq
+        attention_mask = kwargs.get("attention_mask")
+        check_step(attention_mask, kwargs.get("cache_position"), past[0].shape[2], seq)
         if attention_mask is None:
             attention_mask = torch.ones(batch, total, dtype=torch.long, device=input_ids.device)
+        position_ids = kwargs.get("position_ids")
         if position_ids is None:
             position_ids = positions_from_mask(attention_mask, seq)
         logits, presents = graph(input_ids=input_ids, attention_mask=attention_mask.long(), position_ids=position_ids,
                                  past=past)
         store_presents(cache, presents)
-        if isinstance(logits_to_keep, int) and logits_to_keep > 0:
-            logits = logits[:, -logits_to_keep:]
-        return CausalLMOutputWithPast(logits=logits, past_key_values=cache)
+        keep = kwargs.get("logits_to_keep") or 0
+        if isinstance(keep, int) and keep > 0:
+            logits = logits[:, -keep:]
+        elif isinstance(keep, torch.Tensor):
+            logits = logits[:, keep]
+        return CausalLMOutputWithPast(logits=logits, **{output_cache_field(): cache})
 
     return forward
+
+
+def output_cache_field() -> str:
+    """The field of ``CausalLMOutputWithPast`` that holds the cache in the installed transformers."""
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    names = {f.name for f in dataclasses.fields(CausalLMOutputWithPast)}
+    return NEW_CACHE_NAME if NEW_CACHE_NAME in names else OLD_CACHE_NAME
+
+
+def check_step(attention_mask, cache_position, past_len: int, seq: int) -> None:
+    """The cache read must cover every position the mask (or ``cache_position``) says came before.
+
+    This is the guard that a cache handed over under a name we did not read would trip: the mask
+    grows by one per step while an unread cache stays empty.
+    """
+    if attention_mask is not None and attention_mask.shape[-1] != past_len + seq:
+        raise GenerationError(f"the attention mask covers {attention_mask.shape[-1]} positions but the cache read by "
+                              f"the decode graph holds {past_len} and the step adds {seq}; transformers passed the KV "
+                              "cache in a way surgeon does not read (check the transformers version against "
+                              "pyproject.toml's range)")
+    if cache_position is not None and cache_position.numel() and int(cache_position.reshape(-1)[0]) != past_len:
+        raise GenerationError(f"cache_position starts at {int(cache_position.reshape(-1)[0])} but the cache read by the "
+                              f"decode graph holds {past_len} positions; transformers passed the KV cache in a way "
+                              "surgeon does not read")
 
 
 def context_length(model: nn.Module) -> int | None:
@@ -233,7 +286,8 @@ def generate(model, *args, **kwargs):
     if kwargs.get("use_cache") is False:
         raise GenerationError("use_cache=False is not supported: the decode graph always uses the KV cache")
     check_context(model.base, kwargs)
-    kwargs.setdefault("past_key_values", DynamicCache())
+    if not {NEW_CACHE_NAME, OLD_CACHE_NAME} & set(kwargs):
+        kwargs[generate_cache_name(model.base)] = DynamicCache()
     graph, layout = model.decoder_graph()
     with forward_as(model.base, graph_forward(model, graph, layout)):
         return model.base.generate(**kwargs)

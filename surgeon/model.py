@@ -16,6 +16,7 @@ from torch import fx, nn
 
 from surgeon.capturing import accepts, capture, signature_of
 from surgeon.config import LoraConfig
+from surgeon.compat import check_kwargs, forward_keywords, refuse_value
 from surgeon.errors import AdapterError, did_you_mean
 from surgeon.layers import LoraLayer, SavedTensor
 from surgeon.matching import match
@@ -151,6 +152,7 @@ class SurgeonModel(AdapterIO, MergeOps, nn.Module):
 
     def graph_for(self, **call: Any) -> fx.GraphModule:
         """The injected graph for this call signature (captured on first use)."""
+        check_kwargs(f"{type(self.base).__name__}.forward", call, forward_keywords(self.base))
         sig = signature_of(call)
         if sig not in self._graphs:
             graph = capture(self.base, call)
@@ -179,9 +181,10 @@ class SurgeonModel(AdapterIO, MergeOps, nn.Module):
 
     def forward(self, input_ids=None, attention_mask=None, labels=None, num_items_in_batch=None, **kwargs):
         call = {"input_ids": input_ids, "attention_mask": attention_mask, **kwargs}
-        call.pop("return_dict", None)
+        return_dict = call.pop("return_dict", None)
         call = {k: v for k, v in call.items() if v is not None}
-        if "use_cache" not in call and "past_key_values" not in call and accepts(self.base, "use_cache"):
+        has_cache = any(k in call for k in ("cache", "past_key_values"))
+        if "use_cache" not in call and not has_cache and accepts(self.base, "use_cache"):
             call["use_cache"] = False
         loss_call = _LOSS_CALLS.get(_loss_kind(self.base))
         if labels is not None and loss_call is None:
@@ -190,7 +193,7 @@ class SurgeonModel(AdapterIO, MergeOps, nn.Module):
         if labels is not None and loss_call is not None:
             loss = loss_call(self.base.loss_function, out, labels, self.base.config, num_items_in_batch)
             out = type(out)(loss=loss, **{k: v for k, v in out.items() if k != "loss"})
-        return out
+        return out.to_tuple() if return_dict is False else out
 
     @property
     def accepts_loss_kwargs(self) -> bool:
@@ -267,12 +270,28 @@ def trainable_parameters_line(trainable: int, total: int) -> str:
     return f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"
 
 
-def get_peft_model(model: nn.Module, peft_config: LoraConfig, adapter_name: str = "default", **_: Any) -> SurgeonModel:
-    """Capture ``model``, inject ``peft_config``'s LoRA, freeze everything else (PEFT's entry point)."""
+def get_peft_model(model: nn.Module, peft_config: LoraConfig, adapter_name: str = "default", mixed: bool = False,
+                   autocast_adapter_dtype: bool = True, revision: str | None = None, low_cpu_mem_usage: bool = False,
+                   **kwargs: Any) -> SurgeonModel:
+    """Capture ``model``, inject ``peft_config``'s LoRA, freeze everything else (PEFT's entry point).
+
+    PEFT's other arguments are accepted by name at the values surgeon honours and refused otherwise.
+    """
+    check_kwargs("get_peft_model", kwargs, PEFT_MODEL_ARGS)
+    refuse_value("get_peft_model", "mixed", mixed, [False], "surgeon has no PeftMixedModel; add adapters of one method")
+    refuse_value("get_peft_model", "autocast_adapter_dtype", autocast_adapter_dtype, [True],
+                 "adapters on fp16/bf16 bases are always kept in fp32")
+    refuse_value("get_peft_model", "revision", revision, [None], "surgeon loads nothing from a hub")
+    refuse_value("get_peft_model", "low_cpu_mem_usage", low_cpu_mem_usage, [False],
+                 "adapters are created on the base's device; they are small")
     if not isinstance(peft_config, LoraConfig):
         raise AdapterError(f"get_peft_model takes a surgeon.LoraConfig, got {type(peft_config).__name__}; "
                            "build one with surgeon.LoraConfig(...) (same fields as peft.LoraConfig)")
     return SurgeonModel(model, peft_config, adapter_name)
+
+
+PEFT_MODEL_ARGS = ("model", "peft_config", "adapter_name", "mixed", "autocast_adapter_dtype", "revision",
+                   "low_cpu_mem_usage")
 
 
 def prepare_quantized(model: nn.Module) -> None:

@@ -13,9 +13,24 @@ from torch import nn
 
 from surgeon.adapters import check_tensors, peft_keys, peft_saved_key, read_adapter_dir, write_adapter_dir
 from surgeon.config import LoraConfig
-from surgeon.errors import AdapterError
+from surgeon.compat import check_kwargs, refuse_value
+from surgeon.errors import AdapterError, UnknownArgumentError
 from surgeon.layers import LoraLayer, SavedTensor
 from surgeon.matching import match, resolve_modules_to_save
+
+
+SAVE_ARGS = ("save_directory", "safe_serialization", "selected_adapters", "save_embedding_layers", "is_main_process")
+LOAD_ADAPTER_ARGS = ("model_id", "adapter_name", "is_trainable", "torch_device", "autocast_adapter_dtype",
+                     "low_cpu_mem_usage", "hotswap")
+FROM_PRETRAINED_ARGS = ("model", "model_id", "adapter_name", "is_trainable", "config", "autocast_adapter_dtype",
+                        "low_cpu_mem_usage")
+
+
+def check_load_flags(where: str, autocast_adapter_dtype: bool, low_cpu_mem_usage: bool) -> None:
+    refuse_value(where, "autocast_adapter_dtype", autocast_adapter_dtype, [True],
+                 "adapters on fp16/bf16 bases are always kept in fp32")
+    refuse_value(where, "low_cpu_mem_usage", low_cpu_mem_usage, [False],
+                 "adapters are created on the base's device; they are small")
 
 
 class AdapterIO:
@@ -45,6 +60,9 @@ class AdapterIO:
         return [(n, p) for n, p in self.base.named_parameters()
                 if n.endswith("bias") and (config.bias == "all" or n.rsplit(".", 1)[0] in targets)]
 
+    def _device(self) -> torch.device:
+        return next((p.device for p in self.base.parameters()), torch.device("cpu"))
+
     def _any_graph(self):
         return next(iter(self._graphs.values()))
 
@@ -62,16 +80,23 @@ class AdapterIO:
             out[peft_saved_key(pname)] = tuple(p.shape)
         return out
 
-    def state_dict(self, *args, **kwargs) -> dict[str, torch.Tensor]:
+    def state_dict(self, *args, destination: dict | None = None, prefix: str = "",
+                   keep_vars: bool = False) -> dict[str, torch.Tensor]:
         """What training changes: the active adapter under PEFT's keys (the base stays in its own files).
 
         ``Trainer.save_model`` writes this as ``model.safetensors``; ``save_pretrained`` writes an
         adapter directory PEFT reads.
         """
-        keep_vars = kwargs.get("keep_vars", False)
-        return {k: (v if keep_vars else v.detach()) for k, v in self.adapter_state_dict().items()}
+        if args:
+            raise UnknownArgumentError("state_dict: pass destination, prefix and keep_vars by name (torch deprecated "
+                                       "positional arguments)")
+        out = destination if destination is not None else {}
+        for k, v in self.adapter_state_dict().items():
+            out[prefix + k] = v if keep_vars else v.detach()
+        return out
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        refuse_value("load_state_dict", "assign", assign, [False], "adapter tensors are copied into place")
         own = self.adapter_state_dict()
         missing = sorted(set(own) - set(state_dict))
         unexpected = sorted(set(state_dict) - set(own))
@@ -83,8 +108,20 @@ class AdapterIO:
         return nn.modules.module._IncompatibleKeys(missing, unexpected)
 
     # ---- directories ---------------------------------------------------------------------------
-    def save_pretrained(self, save_directory: str, selected_adapters: list[str] | None = None, **_: Any) -> None:
-        """Write each adapter in PEFT's format: ``default`` in the directory, others in subdirectories."""
+    def save_pretrained(self, save_directory: str, safe_serialization: bool = True,
+                        selected_adapters: list[str] | None = None, save_embedding_layers: str | bool = "auto",
+                        is_main_process: bool = True, **kwargs: Any) -> None:
+        """Write each adapter in PEFT's format: ``default`` in the directory, others in subdirectories.
+
+        ``is_main_process=False`` writes nothing (PEFT's meaning, for all but one rank of a distributed job).
+        """
+        check_kwargs("save_pretrained", kwargs, SAVE_ARGS)
+        refuse_value("save_pretrained", "safe_serialization", safe_serialization, [True],
+                     "surgeon writes safetensors only")
+        refuse_value("save_pretrained", "save_embedding_layers", save_embedding_layers, ["auto", False],
+                     "surgeon saves embeddings only through modules_to_save")
+        if not is_main_process:
+            return
         for name in selected_adapters or list(self.peft_config):
             self._known(name)
             target = Path(save_directory) if name == "default" else Path(save_directory) / name
@@ -101,8 +138,14 @@ class AdapterIO:
         return config.replace(**changes)
 
     def load_adapter(self, model_id: str, adapter_name: str = "default", is_trainable: bool = False,
-                     hotswap: bool = False, **_: Any) -> None:
+                     torch_device: str | None = None, autocast_adapter_dtype: bool = True,
+                     low_cpu_mem_usage: bool = False, hotswap: bool = False, **kwargs: Any) -> None:
         """Load a PEFT adapter directory as ``adapter_name``; with ``hotswap`` overwrite that adapter in place."""
+        check_kwargs("load_adapter", kwargs, LOAD_ADAPTER_ARGS)
+        check_load_flags("load_adapter", autocast_adapter_dtype, low_cpu_mem_usage)
+        if torch_device is not None and torch.device(torch_device) != self._device():
+            raise UnknownArgumentError(f"load_adapter: torch_device={torch_device!r} differs from the model's device "
+                                       f"{self._device()}; adapters live on the base's device: move the model with .to()")
         config, tensors = read_adapter_dir(model_id)
         if hotswap:
             self._hotswap(model_id, adapter_name, config, tensors)
@@ -119,9 +162,18 @@ class AdapterIO:
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, model_id: str, adapter_name: str = "default",
-                        is_trainable: bool = False, **_: Any):
-        """``PeftModel.from_pretrained``: wrap ``model`` with the adapter stored in ``model_id``."""
-        config, tensors = read_adapter_dir(model_id)
+                        is_trainable: bool = False, config: LoraConfig | None = None,
+                        autocast_adapter_dtype: bool = True, low_cpu_mem_usage: bool = False, **kwargs: Any):
+        """``PeftModel.from_pretrained``: wrap ``model`` with the adapter stored in ``model_id``.
+
+        ``config`` (a ``LoraConfig``) replaces the directory's ``adapter_config.json``, as in PEFT.
+        """
+        check_kwargs("PeftModel.from_pretrained", kwargs, FROM_PRETRAINED_ARGS)
+        check_load_flags("PeftModel.from_pretrained", autocast_adapter_dtype, low_cpu_mem_usage)
+        file_config, tensors = read_adapter_dir(model_id)
+        if config is not None and not isinstance(config, LoraConfig):
+            raise AdapterError(f"PeftModel.from_pretrained: config must be a surgeon.LoraConfig, got {type(config).__name__}")
+        config = config or file_config
         flags = [(p, p.requires_grad) for p in model.parameters()]
         try:
             peft_model = cls(model, config, adapter_name, is_trainable=is_trainable)

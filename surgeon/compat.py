@@ -1,0 +1,102 @@
+"""The one place that knows transformers' moving names, and the check that no argument is dropped.
+
+transformers 5.24 renamed the cache argument of every ``forward`` (and of ``generate``) from
+``past_key_values`` to ``cache``, and the output field with it; older 5.x releases know only the
+old name. Code elsewhere asks this module which name the installed model uses, so a rename
+upstream changes one function here, not ten call sites.
+
+``check_kwargs`` is how an entry point that takes ``**kwargs`` refuses the ones it does not
+understand: by name, with the nearest valid name (STYLE.md, habit 9).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from torch import nn
+
+from surgeon.errors import UnknownArgumentError, did_you_mean
+
+NEW_CACHE_NAME = "cache"  # transformers >= 5.24
+OLD_CACHE_NAME = "past_key_values"  # transformers < 5.24 (accepted there with a deprecation warning after)
+
+
+def forward_params(model: nn.Module) -> Mapping[str, inspect.Parameter]:
+    """Parameters of ``type(model).forward`` (through transformers' deprecation wrappers)."""
+    return inspect.signature(type(model).forward).parameters
+
+
+def cache_name(model: nn.Module) -> str:
+    """The keyword the model's ``forward`` takes its KV cache under: ``cache`` or ``past_key_values``."""
+    params = forward_params(model)
+    if NEW_CACHE_NAME in params:
+        return NEW_CACHE_NAME
+    if OLD_CACHE_NAME in params:
+        return OLD_CACHE_NAME
+    raise UnknownArgumentError(f"{type(model).__name__}.forward takes neither {NEW_CACHE_NAME!r} nor {OLD_CACHE_NAME!r}; "
+                               "generation needs a decoder whose forward accepts a KV cache")
+
+
+def output_cache(output: Any):
+    """The cache a model output carries, under whichever field name the installed transformers uses."""
+    names = {f.name for f in dataclasses.fields(output)} if dataclasses.is_dataclass(output) else set()
+    if NEW_CACHE_NAME in names:
+        return getattr(output, NEW_CACHE_NAME)
+    if OLD_CACHE_NAME in names:
+        return getattr(output, OLD_CACHE_NAME)
+    raise UnknownArgumentError(f"{type(output).__name__} has no {NEW_CACHE_NAME!r} or {OLD_CACHE_NAME!r} field; "
+                               "this transformers release is outside the range surgeon supports (see pyproject.toml)")
+
+
+def generate_cache_name(model: nn.Module) -> str:
+    """The keyword ``model.generate`` takes a ready cache under without a deprecation warning.
+
+    transformers renamed it in ``generate`` in the same release as in ``forward`` (its ``generate``
+    takes ``**kwargs``, so its signature cannot tell).
+    """
+    return cache_name(model)
+
+
+def check_kwargs(where: str, kwargs: Mapping[str, Any], valid: Iterable[str], hint: str = "") -> None:
+    """Raise ``UnknownArgumentError`` naming every key of ``kwargs`` not in ``valid`` (with the nearest names)."""
+    valid = sorted(set(valid))
+    unknown = [k for k in kwargs if k not in valid]
+    if not unknown:
+        return
+    parts = [f"{k!r}{did_you_mean(k, valid)}" for k in unknown]
+    noun = "argument" if len(unknown) == 1 else "arguments"
+    raise UnknownArgumentError(f"{where}: unknown {noun} {', '.join(parts)}; it accepts {', '.join(valid) or 'none'}"
+                               + (f"; {hint}" if hint else ""))
+
+
+def refuse_value(where: str, name: str, value: Any, allowed: Iterable[Any], why: str) -> None:
+    """A PEFT argument surgeon accepts by name but can honour only at some values: refuse the others."""
+    allowed = tuple(allowed)
+    if not any(value is a or (type(value) is type(a) and value == a) for a in allowed):
+        raise UnknownArgumentError(f"{where}: {name}={value!r} is not supported ({why}); "
+                                   f"use {' or '.join(repr(a) for a in allowed)}")
+
+
+def forward_keywords(model: nn.Module) -> set[str]:
+    """Keywords the model's ``forward`` uses: its named parameters plus transformers' typed ``**kwargs``.
+
+    transformers' forwards take ``**kwargs`` and ignore what they do not know; surgeon refuses those
+    instead, so a misspelt ``attention_mask`` is an error rather than an unmasked forward.
+    """
+    params = forward_params(model)
+    names = {n for n, p in params.items() if p.kind not in (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL)}
+    names.discard("self")
+    if NEW_CACHE_NAME in names:
+        names.add(OLD_CACHE_NAME)  # transformers still renames it (with its own deprecation warning)
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        try:
+            from transformers.utils.generic import TransformersKwargs
+
+            names |= set(getattr(TransformersKwargs, "__annotations__", {}))
+        except ImportError:
+            pass
+        names |= {"output_attentions", "output_hidden_states", "return_dict"}
+    return names
