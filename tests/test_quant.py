@@ -71,6 +71,42 @@ def test_qlora_matches_peft_logits_and_gradients(checkpoints, tmp_path, name, bi
     assert (trainable, total) == ref.get_nb_trainable_parameters()  # PEFT counts packed weights as in x out
 
 
+def dequantized_copy(model):
+    """The same model with every bitsandbytes 4-bit layer replaced by an fp32 Linear over its dequantized weight."""
+    import bitsandbytes as bnb
+
+    for module in list(model.modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, bnb.nn.Linear4bit):
+                linear = torch.nn.Linear(child.in_features, child.out_features, bias=child.bias is not None)
+                linear.weight.data = bnb.functional.dequantize_4bit(child.weight.data, child.weight.quant_state).float()
+                if child.bias is not None:
+                    linear.bias.data = child.bias.data.float()
+                setattr(module, child_name, linear)
+    return model.eval()
+
+
+@pytest.mark.parametrize("double", [False, True], ids=["plain", "double-quant"])
+def test_eval_mode_4bit_is_the_exact_dequantized_matmul(checkpoints, double):
+    """Eval + no_grad: ours equals the fp32 matmul with the dequantized weight. bitsandbytes' own Linear4bit
+    switches to a bf16 kernel on CPUs with AVX512-BF16 (activations rounded to bf16); there it is the less exact one."""
+    from bitsandbytes.functional import has_avx512bf16
+
+    b = {k: v for k, v in batch("llama", b=2, s=9, pad_left=2).items() if k != "labels"}
+    ref = bnb_load(checkpoints["llama"], 4, double=double).eval()
+    ours = surgeon.get_peft_model(bnb_load(checkpoints["llama"], 4, double=double),
+                                  surgeon.LoraConfig(r=2, target_modules=["q_proj"])).eval()
+    exact = dequantized_copy(bnb_load(checkpoints["llama"], 4, double=double))
+    with torch.no_grad(), ours.disable_adapter():
+        got, bnb_out, want = ours(**b).logits, ref(**b).logits, exact(**b).logits
+    ours_err, bnb_err = (got - want).abs().max().item(), (bnb_out - want).abs().max().item()
+    assert ours_err <= 1e-5
+    if has_avx512bf16():
+        assert (got - bnb_out).abs().max().item() <= 1e-2 and ours_err <= bnb_err
+    else:  # both run dequantize + fp32 matmul
+        assert torch.equal(got, bnb_out)
+
+
 @pytest.mark.parametrize("bits, quant_type, double", [(4, "nf4", True), (4, "fp4", False), (8, "nf4", False)])
 def test_loader_quantizes_while_reading_like_transformers(checkpoints, bits, quant_type, double):
     mine = load_quantized(checkpoints["llama"], bits=bits, quant_type=quant_type, double_quant=double)

@@ -155,6 +155,7 @@ def canary(args) -> int:
     direct = {normal(n) for n, _, _ in direct_requirements()}
     report = ROOT / "runs" / f"canary-{args.kind}.xml"
     report.parent.mkdir(exist_ok=True)
+    report.unlink(missing_ok=True)  # a stale report must never name this run's failures
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     proc = run([str(venv / "bin" / "python"), "-m", "pytest", *CANARY_TESTS, "-k", CANARY_FILTER, "-p", "no:cacheprovider",
                 f"--junitxml={report}"], cwd=ROOT, env=env)
