@@ -136,10 +136,10 @@ def build_canary(kind: str) -> Path:
     venv = make_venv(ROOT / f".venv-{kind}")
     if kind == "latest":  # the newest release of each direct dependency, whatever our upper bounds say
         names = [name for name, _, _ in direct_requirements() if name != "torch"]
-        pip(venv, "install", "--upgrade", "--upgrade-strategy", "eager", *names)
+        pip(venv, "install", "--upgrade", "--upgrade-strategy", "eager", *names, TORCH)  # TORCH: held, not upgraded
     else:  # every direct dependency at the floor pyproject.toml states; the rest as the resolver picks
         pins = [f"{name}=={floor}" for name, floor, _ in direct_requirements() if name != "torch" and floor]
-        pip(venv, "install", *pins)
+        pip(venv, "install", *pins, TORCH)
     pip(venv, "install", "--no-deps", "-e", str(ROOT))
     return venv
 
