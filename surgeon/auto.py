@@ -17,10 +17,10 @@ class AutoPeftModel:
     @classmethod
     def from_pretrained(cls, adapter_dir: str, adapter_name: str = "default", is_trainable: bool = False,
                         **kwargs: Any):
-        from surgeon.compat import check_kwargs
+        from surgeon.compat import check_kwargs, params_of
         from surgeon.hub import load_model
 
-        check_kwargs(f"{cls.__name__}.from_pretrained", kwargs, ("adapter_dir", "adapter_name", "is_trainable"),
+        check_kwargs(f"{cls.__name__}.from_pretrained", kwargs, params_of(cls.from_pretrained),
                      "surgeon loads the base named in adapter_config.json as it is; to load it another way, "
                      "load it yourself and call PeftModel.from_pretrained(base, adapter_dir)")
         from surgeon.model import SurgeonModel

@@ -12,6 +12,7 @@ understand: by name, with the nearest valid name (STYLE.md, habit 9).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -42,22 +43,24 @@ def cache_name(model: nn.Module) -> str:
 
 def output_cache(output: Any):
     """The cache a model output carries, under whichever field name the installed transformers uses."""
-    names = {f.name for f in dataclasses.fields(output)} if dataclasses.is_dataclass(output) else set()
+    return getattr(output, cache_field(type(output)))
+
+
+def cache_field(output_class: type) -> str:
+    """The field of a transformers output dataclass that holds the cache in the installed release."""
+    names = {f.name for f in dataclasses.fields(output_class)}
     if NEW_CACHE_NAME in names:
-        return getattr(output, NEW_CACHE_NAME)
+        return NEW_CACHE_NAME
     if OLD_CACHE_NAME in names:
-        return getattr(output, OLD_CACHE_NAME)
-    raise UnknownArgumentError(f"{type(output).__name__} has no {NEW_CACHE_NAME!r} or {OLD_CACHE_NAME!r} field; "
+        return OLD_CACHE_NAME
+    raise UnknownArgumentError(f"{output_class.__name__} has no {NEW_CACHE_NAME!r} or {OLD_CACHE_NAME!r} field; "
                                "this transformers release is outside the range surgeon supports (see pyproject.toml)")
 
 
-def generate_cache_name(model: nn.Module) -> str:
-    """The keyword ``model.generate`` takes a ready cache under without a deprecation warning.
-
-    transformers renamed it in ``generate`` in the same release as in ``forward`` (its ``generate``
-    takes ``**kwargs``, so its signature cannot tell).
-    """
-    return cache_name(model)
+def params_of(fn) -> tuple[str, ...]:
+    """The named parameters of ``fn`` (what its ``**kwargs`` check accepts), without ``self``/``cls``."""
+    return tuple(n for n, p in inspect.signature(fn).parameters.items()
+                 if n not in ("self", "cls") and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL))
 
 
 def check_kwargs(where: str, kwargs: Mapping[str, Any], valid: Iterable[str], hint: str = "") -> None:
@@ -80,15 +83,28 @@ def refuse_value(where: str, name: str, value: Any, allowed: Iterable[Any], why:
                                    f"use {' or '.join(repr(a) for a in allowed)}")
 
 
-def forward_keywords(model: nn.Module) -> set[str]:
+def refuse_peft_load_flags(where: str, autocast_adapter_dtype: bool, low_cpu_mem_usage: bool) -> None:
+    """PEFT's loading flags, which surgeon honours only at their defaults."""
+    refuse_value(where, "autocast_adapter_dtype", autocast_adapter_dtype, [True],
+                 "adapters on fp16/bf16 bases are always kept in fp32")
+    refuse_value(where, "low_cpu_mem_usage", low_cpu_mem_usage, [False],
+                 "adapters are created on the base's device; they are small")
+
+
+def forward_keywords(model: nn.Module) -> frozenset[str]:
+    """Keywords the model's ``forward`` uses (cached per model class: ``forward`` is a hot path)."""
+    return _forward_keywords(type(model))
+
+
+@functools.lru_cache(maxsize=None)
+def _forward_keywords(model_class: type) -> frozenset[str]:
     """Keywords the model's ``forward`` uses: its named parameters plus transformers' typed ``**kwargs``.
 
     transformers' forwards take ``**kwargs`` and ignore what they do not know; surgeon refuses those
     instead, so a misspelt ``attention_mask`` is an error rather than an unmasked forward.
     """
-    params = forward_params(model)
-    names = {n for n, p in params.items() if p.kind not in (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL)}
-    names.discard("self")
+    params = inspect.signature(model_class.forward).parameters
+    names = set(params_of(model_class.forward))
     if NEW_CACHE_NAME in names:
         names.add(OLD_CACHE_NAME)  # transformers still renames it (with its own deprecation warning)
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
@@ -99,4 +115,4 @@ def forward_keywords(model: nn.Module) -> set[str]:
         except ImportError:
             pass
         names |= {"output_attentions", "output_hidden_states", "return_dict"}
-    return names
+    return frozenset(names)

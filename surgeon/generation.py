@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from surgeon.compat import NEW_CACHE_NAME, OLD_CACHE_NAME, cache_name, check_kwargs, generate_cache_name, output_cache
+from surgeon.compat import NEW_CACHE_NAME, OLD_CACHE_NAME, cache_field, cache_name, check_kwargs, output_cache
 from surgeon.errors import SurgeonError
 
 DECODE_KEY = ("decode", "input_ids", "attention_mask", "position_ids", "past")  # the graph's key in SurgeonModel._graphs
@@ -180,7 +180,7 @@ def graph_forward(model, graph, layout: CacheLayout):
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
     base = model.base
-    name = cache_name(base)
+    name, field = cache_name(base), cache_field(CausalLMOutputWithPast)
     valid = {"input_ids", "attention_mask", "position_ids", "logits_to_keep", "inputs_embeds", "cache_position",
              name, *FIXED_FLAGS}
 
@@ -217,17 +217,9 @@ def graph_forward(model, graph, layout: CacheLayout):
             logits = logits[:, -keep:]
         elif isinstance(keep, torch.Tensor):
             logits = logits[:, keep]
-        return CausalLMOutputWithPast(logits=logits, **{output_cache_field(): cache})
+        return CausalLMOutputWithPast(logits=logits, **{field: cache})
 
     return forward
-
-
-def output_cache_field() -> str:
-    """The field of ``CausalLMOutputWithPast`` that holds the cache in the installed transformers."""
-    from transformers.modeling_outputs import CausalLMOutputWithPast
-
-    names = {f.name for f in dataclasses.fields(CausalLMOutputWithPast)}
-    return NEW_CACHE_NAME if NEW_CACHE_NAME in names else OLD_CACHE_NAME
 
 
 def check_step(attention_mask, cache_position, past_len: int, seq: int) -> None:
@@ -287,7 +279,7 @@ def generate(model, *args, **kwargs):
         raise GenerationError("use_cache=False is not supported: the decode graph always uses the KV cache")
     check_context(model.base, kwargs)
     if not {NEW_CACHE_NAME, OLD_CACHE_NAME} & set(kwargs):
-        kwargs[generate_cache_name(model.base)] = DynamicCache()
+        kwargs[cache_name(model.base)] = DynamicCache()  # generate was renamed in the same release as forward
     graph, layout = model.decoder_graph()
     with forward_as(model.base, graph_forward(model, graph, layout)):
         return model.base.generate(**kwargs)

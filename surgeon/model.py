@@ -16,7 +16,7 @@ from torch import fx, nn
 
 from surgeon.capturing import accepts, capture, signature_of
 from surgeon.config import LoraConfig
-from surgeon.compat import check_kwargs, forward_keywords, refuse_value
+from surgeon.compat import check_kwargs, forward_keywords, params_of, refuse_peft_load_flags, refuse_value
 from surgeon.errors import AdapterError, did_you_mean
 from surgeon.layers import LoraLayer, SavedTensor
 from surgeon.matching import match
@@ -277,21 +277,14 @@ def get_peft_model(model: nn.Module, peft_config: LoraConfig, adapter_name: str 
 
     PEFT's other arguments are accepted by name at the values surgeon honours and refused otherwise.
     """
-    check_kwargs("get_peft_model", kwargs, PEFT_MODEL_ARGS)
+    check_kwargs("get_peft_model", kwargs, params_of(get_peft_model))
     refuse_value("get_peft_model", "mixed", mixed, [False], "surgeon has no PeftMixedModel; add adapters of one method")
-    refuse_value("get_peft_model", "autocast_adapter_dtype", autocast_adapter_dtype, [True],
-                 "adapters on fp16/bf16 bases are always kept in fp32")
     refuse_value("get_peft_model", "revision", revision, [None], "surgeon loads nothing from a hub")
-    refuse_value("get_peft_model", "low_cpu_mem_usage", low_cpu_mem_usage, [False],
-                 "adapters are created on the base's device; they are small")
+    refuse_peft_load_flags("get_peft_model", autocast_adapter_dtype, low_cpu_mem_usage)
     if not isinstance(peft_config, LoraConfig):
         raise AdapterError(f"get_peft_model takes a surgeon.LoraConfig, got {type(peft_config).__name__}; "
                            "build one with surgeon.LoraConfig(...) (same fields as peft.LoraConfig)")
     return SurgeonModel(model, peft_config, adapter_name)
-
-
-PEFT_MODEL_ARGS = ("model", "peft_config", "adapter_name", "mixed", "autocast_adapter_dtype", "revision",
-                   "low_cpu_mem_usage")
 
 
 def prepare_quantized(model: nn.Module) -> None:

@@ -13,24 +13,10 @@ from torch import nn
 
 from surgeon.adapters import check_tensors, peft_keys, peft_saved_key, read_adapter_dir, write_adapter_dir
 from surgeon.config import LoraConfig
-from surgeon.compat import check_kwargs, refuse_value
+from surgeon.compat import check_kwargs, params_of, refuse_peft_load_flags, refuse_value
 from surgeon.errors import AdapterError, UnknownArgumentError
 from surgeon.layers import LoraLayer, SavedTensor
 from surgeon.matching import match, resolve_modules_to_save
-
-
-SAVE_ARGS = ("save_directory", "safe_serialization", "selected_adapters", "save_embedding_layers", "is_main_process")
-LOAD_ADAPTER_ARGS = ("model_id", "adapter_name", "is_trainable", "torch_device", "autocast_adapter_dtype",
-                     "low_cpu_mem_usage", "hotswap")
-FROM_PRETRAINED_ARGS = ("model", "model_id", "adapter_name", "is_trainable", "config", "autocast_adapter_dtype",
-                        "low_cpu_mem_usage")
-
-
-def check_load_flags(where: str, autocast_adapter_dtype: bool, low_cpu_mem_usage: bool) -> None:
-    refuse_value(where, "autocast_adapter_dtype", autocast_adapter_dtype, [True],
-                 "adapters on fp16/bf16 bases are always kept in fp32")
-    refuse_value(where, "low_cpu_mem_usage", low_cpu_mem_usage, [False],
-                 "adapters are created on the base's device; they are small")
 
 
 class AdapterIO:
@@ -115,7 +101,7 @@ class AdapterIO:
 
         ``is_main_process=False`` writes nothing (PEFT's meaning, for all but one rank of a distributed job).
         """
-        check_kwargs("save_pretrained", kwargs, SAVE_ARGS)
+        check_kwargs("save_pretrained", kwargs, params_of(AdapterIO.save_pretrained))
         refuse_value("save_pretrained", "safe_serialization", safe_serialization, [True],
                      "surgeon writes safetensors only")
         refuse_value("save_pretrained", "save_embedding_layers", save_embedding_layers, ["auto", False],
@@ -141,8 +127,8 @@ class AdapterIO:
                      torch_device: str | None = None, autocast_adapter_dtype: bool = True,
                      low_cpu_mem_usage: bool = False, hotswap: bool = False, **kwargs: Any) -> None:
         """Load a PEFT adapter directory as ``adapter_name``; with ``hotswap`` overwrite that adapter in place."""
-        check_kwargs("load_adapter", kwargs, LOAD_ADAPTER_ARGS)
-        check_load_flags("load_adapter", autocast_adapter_dtype, low_cpu_mem_usage)
+        check_kwargs("load_adapter", kwargs, params_of(AdapterIO.load_adapter))
+        refuse_peft_load_flags("load_adapter", autocast_adapter_dtype, low_cpu_mem_usage)
         if torch_device is not None and torch.device(torch_device) != self._device():
             raise UnknownArgumentError(f"load_adapter: torch_device={torch_device!r} differs from the model's device "
                                        f"{self._device()}; adapters live on the base's device: move the model with .to()")
@@ -168,8 +154,8 @@ class AdapterIO:
 
         ``config`` (a ``LoraConfig``) replaces the directory's ``adapter_config.json``, as in PEFT.
         """
-        check_kwargs("PeftModel.from_pretrained", kwargs, FROM_PRETRAINED_ARGS)
-        check_load_flags("PeftModel.from_pretrained", autocast_adapter_dtype, low_cpu_mem_usage)
+        check_kwargs("PeftModel.from_pretrained", kwargs, params_of(cls.from_pretrained))
+        refuse_peft_load_flags("PeftModel.from_pretrained", autocast_adapter_dtype, low_cpu_mem_usage)
         file_config, tensors = read_adapter_dir(model_id)
         if config is not None and not isinstance(config, LoraConfig):
             raise AdapterError(f"PeftModel.from_pretrained: config must be a surgeon.LoraConfig, got {type(config).__name__}")
