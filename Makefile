@@ -28,7 +28,7 @@ venv: $(STAMP)
 DEMO_PROMPT ?= Day 12, noon. Wind
 
 demo: $(STAMP)
-	$(VENV)/bin/surgeon train -o runs/demo-adapter
+	$(VENV)/bin/surgeon train -o runs/demo-adapter --force
 	$(VENV)/bin/surgeon export tiny-gpt2 runs/demo-adapter -o runs/demo-onnx --kv-cache --force
 	$(VENV)/bin/surgeon generate runs/demo-onnx --base --adapter demo-adapter --prompt "$(DEMO_PROMPT)" -n 30
 

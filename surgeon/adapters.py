@@ -9,19 +9,45 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 
 from surgeon.config import LoraConfig
+from surgeon.outputs import atomic_write_bytes
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
 LORA_ROOT = "surgeon_lora"
 SAVED_ROOT = "surgeon_saved"
+
+
+def check_name(name: object, what: str = "adapter name") -> str:
+    """``name`` when it can be one file or directory name inside OUT; otherwise an error saying why.
+
+    One path component: not empty, not ``.`` or ``..``, no ``/`` or ``\\``, no control characters.
+    Every name that becomes a path (``--name``, ``adapter_name`` in ``save_pretrained``) passes here.
+    """
+    from surgeon.errors import AdapterError
+
+    problem = None
+    if not isinstance(name, str):
+        problem = f"must be a string, got {type(name).__name__}"
+    elif not name.strip():
+        problem = "is empty"
+    elif name in (".", ".."):
+        problem = "is a directory reference, not a name"
+    elif any(sep in name for sep in ("/", "\\")):
+        problem = "contains a path separator; it must be one name, not a path"
+    elif any(ord(ch) < 32 for ch in name):
+        problem = "contains a control character"
+    elif len(name.encode()) > 200:
+        problem = "is longer than 200 bytes"
+    if problem:
+        raise AdapterError(f"{what} {name!r} {problem}; use letters, digits, '-', '_' or '.' (e.g. 'my-adapter')")
+    return name
 
 
 def _mangle(path: str) -> str:
@@ -65,19 +91,17 @@ def onnx_input_names(path: str) -> tuple[str, str]:
     return f"{path}.lora_A.weight", f"{path}.lora_B.weight"
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temporary file beside ``path`` and rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+MODEL_FILES = ("config.json", "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+
+
+def refuse_model_dir(directory: Path) -> None:
+    """An adapter never goes into a model's directory: transformers would then load that model as a PEFT model."""
+    from surgeon.errors import AdapterError
+
+    found = [name for name in MODEL_FILES if (Path(directory) / name).is_file()]
+    if found:
+        raise AdapterError(f"{directory}: is a model directory (it holds {', '.join(found)}); adapters go in their own "
+                           "directory, e.g. -o runs/my-adapter")
 
 
 def write_adapter_dir(directory: str | os.PathLike, config: LoraConfig, tensors: Mapping[str, torch.Tensor]) -> Path:
@@ -85,6 +109,7 @@ def write_adapter_dir(directory: str | os.PathLike, config: LoraConfig, tensors:
     from safetensors.torch import save
 
     directory = Path(directory)
+    refuse_model_dir(directory)
     blob = save({k: v.detach().contiguous().cpu() for k, v in sorted(tensors.items())}, metadata={"format": "pt"})
     atomic_write_bytes(directory / WEIGHTS_NAME, blob)
     atomic_write_bytes(directory / CONFIG_NAME, (json.dumps(config.to_peft_dict(), indent=2, sort_keys=True) + "\n").encode())
@@ -108,9 +133,12 @@ def read_adapter_dir(directory: str | os.PathLike) -> tuple[LoraConfig, dict[str
     if not config_path.is_file():
         raise AdapterFileError(f"{config_path}: missing; an adapter directory holds {CONFIG_NAME} and {WEIGHTS_NAME}")
     try:
-        data = json.loads(config_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise AdapterFileError(f"{config_path}: not valid JSON ({err})") from None
+        data = json.loads(config_path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as err:
+        raise AdapterFileError(f"{config_path}: not UTF-8 ({err.reason} at byte {err.start})") from None
+    except (ValueError, RecursionError) as err:  # JSONDecodeError, an int of over 4300 digits, nesting too deep
+        reason = "nested too deeply" if isinstance(err, RecursionError) else str(err)
+        raise AdapterFileError(f"{config_path}: not valid JSON ({reason})") from None
     if not isinstance(data, dict) or "peft_type" not in data:
         raise AdapterFileError(f"{config_path}: no 'peft_type' field; is this a PEFT adapter_config.json?")
     try:
@@ -124,7 +152,32 @@ def read_adapter_dir(directory: str | os.PathLike) -> tuple[LoraConfig, dict[str
                 "where you trust the file: `PeftModel.from_pretrained(base, dir).save_pretrained(dir, safe_serialization=True)`"
             )
         raise AdapterFileError(f"{weights_path}: missing")
-    return config, read_weights(weights_path)
+    tensors = read_weights(weights_path)
+    check_ranks(config, tensors, str(weights_path))
+    return config, tensors
+
+
+def check_ranks(config: LoraConfig, tensors: Mapping[str, torch.Tensor], source: str) -> None:
+    """Each A/B pair has the rank the config gives its module, checked before any adapter memory is allocated
+    (a 1 KB config claiming r=60000 must not cost gigabytes before the shape check)."""
+    from surgeon.errors import AdapterError
+
+    wrong = []
+    for key, tensor in tensors.items():
+        path, part = parse_peft_key(key)
+        if part not in ("A", "B"):
+            continue
+        if tensor.dim() != 2:
+            wrong.append(f"{key}: {tuple(tensor.shape)} is not a matrix")
+            continue
+        rank = tensor.shape[0] if part == "A" else tensor.shape[1]
+        want = config.rank_for(path)
+        if rank != want:
+            wrong.append(f"{key}: rank {rank} in the file, {want} in the config")
+    if wrong:
+        raise AdapterError(f"{source}: the adapter's tensors disagree with its config ({len(wrong)}): "
+                           + "; ".join(wrong[:5]) + ("; ..." if len(wrong) > 5 else "")
+                           + ". Use the adapter_config.json saved with these weights")
 
 
 def read_weights(path: Path) -> dict[str, torch.Tensor]:

@@ -1,57 +1,21 @@
 """Merged checkpoints: base + adapters -> a directory ``AutoModelFor*.from_pretrained`` loads.
 
-Written into a temporary directory beside OUT and renamed into place, so an interrupted write
-leaves no partial OUT; the base directory is only read.
+Written through ``surgeon.outputs.write_dir_atomically`` (a temporary directory beside OUT renamed
+into place; never over an input); the base directory is only read.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from surgeon.errors import SurgeonError
+from surgeon.errors import OutputError, SurgeonError  # noqa: F401 (OutputError: re-exported)
+from surgeon.outputs import write_dir_atomically
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
                    "tokenizer.model", "vocab.txt", "added_tokens.json", "chat_template.jinja")
-
-
-class OutputError(SurgeonError, FileExistsError):
-    """OUT exists already or cannot be written."""
-
-
-def write_dir_atomically(out: str | os.PathLike, fill: Callable[[Path], None], *, force: bool = False) -> Path:
-    """Call ``fill(tmp_dir)``, then rename ``tmp_dir`` to ``out``; on any error nothing is left behind."""
-    out = Path(out).resolve()
-    if out.exists() and not force:
-        raise OutputError(f"{out}: exists already; choose another -o or pass --force to replace it")
-    parent = out.parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=parent, prefix=f".{out.name}.tmp-"))
-    except OSError as err:
-        raise OutputError(f"{out}: cannot write there ({err.strerror}); choose a writable -o") from None
-    from safetensors import SafetensorError  # raised for I/O errors (e.g. disk full) while serialising
-
-    try:
-        fill(tmp)
-        if out.exists():
-            old = Path(tempfile.mkdtemp(dir=parent, prefix=f".{out.name}.old-"))
-            os.replace(out, old / "replaced")
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except (OSError, SafetensorError) as err:
-        shutil.rmtree(tmp, ignore_errors=True)
-        reason = getattr(err, "strerror", None) or str(err)
-        raise OutputError(f"{out}: writing failed ({reason}); nothing was written") from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
 
 
 def copy_tokenizer_files(source: Path, target: Path) -> list[str]:
@@ -113,6 +77,7 @@ def fold_checkpoint(model: str, adapter_dirs: Sequence[str], out: str | os.PathL
         warnings.simplefilter("ignore")  # the dequantize warning: here it is what was asked for
         merged = peft_model.merge_and_unload(safe_merge=True)
     if dtype:
+        check_cast(merged, getattr(torch, dtype))
         merged = merged.to(getattr(torch, dtype))
 
     report: dict = {}
@@ -124,10 +89,31 @@ def fold_checkpoint(model: str, adapter_dirs: Sequence[str], out: str | os.PathL
             merged.save_pretrained(tmp, safe_serialization=True)
         copy_tokenizer_files(model_dir(model), tmp)
 
-    written = write_dir_atomically(out, fill, force=force)
+    written = write_dir_atomically(out, fill, force=force, inputs=[model_dir(model), *adapter_dirs])
     if on_report is not None and report:
         on_report(report)
     return written
+
+
+def check_cast(model, dtype) -> None:
+    """Refuse a cast that would turn finite weights into inf (float16 tops out at 65504), naming the modules."""
+    import torch
+
+    if not dtype.is_floating_point:
+        return
+    limit = torch.finfo(dtype).max
+    over = {}
+    for name, p in model.named_parameters():
+        if p.is_floating_point() and torch.finfo(p.dtype).max > limit:
+            top = float(p.detach().abs().max()) if p.numel() else 0.0
+            if top > limit:
+                over[name.rsplit(".", 1)[0]] = max(top, over.get(name.rsplit(".", 1)[0], 0.0))
+    if over:
+        worst = max(over, key=over.get)
+        raise SurgeonError(f"--dtype {str(dtype).removeprefix('torch.')}: {len(over)} modules hold values beyond its "
+                           f"range ({limit:g}) and would become inf: {', '.join(sorted(over)[:5])}"
+                           f"{', ...' if len(over) > 5 else ''}; largest {over[worst]:.4g} in {worst}. Keep float32 "
+                           "or use bfloat16 (float32's range)")
 
 
 def requantize_checkpoint(merged, out: Path, *, bits: int) -> dict:
@@ -170,8 +156,11 @@ def fold_onnx(model: str, adapter_dirs: Sequence[str], out: str | os.PathLike, *
               weights: Sequence[float] | None = None, force: bool = False, source: str | None = None,
               kv_cache: bool = False) -> Path:
     """Like ``fold_checkpoint`` but writes a merged ONNX export (the fold pass, then the exporter)."""
+    from surgeon.hub import model_dir
     from surgeon.onnx.export import export_onnx
+    from surgeon.outputs import check_out
 
+    check_out(out, [model_dir(model), *adapter_dirs], force=force)
     peft_model, name = load_with_adapters(model, adapter_dirs, weights)
     sources = {name: adapter_dirs[0]} if name == "a0" else None
     return export_onnx(peft_model, out, [name], merged=True, force=force, source=source or model, adapter_sources=sources,

@@ -1,18 +1,22 @@
-"""Checks of an export directory, for ``surgeon check`` and tests: structure, names, and numbers vs torch.
+"""Checks of an export directory, for ``surgeon check`` and tests: manifest, file hashes, structure, names, and
+numbers vs torch (base and each adapter rebuilt from its source, never from the files under test).
 
 Each check is a ``Check(name, passed, detail, value)``; ``passed=None`` means it could not run
-(the reason is in ``detail``) and counts as a failure only with ``strict``.
+(the reason is in ``detail``) and counts as a failure only with ``strict``. A broken export is a
+failed check, not an exception: only "this is not an export directory" raises.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 
 import numpy as np
 
-from surgeon.onnx.runtime import AdapterSession, empty_past, read_manifest
+from surgeon.errors import ExportFileError, did_you_mean
+from surgeon.onnx.runtime import MANIFEST, AdapterSession, changed_files, empty_past, read_manifest
 
 DEFAULT_ATOL = 1e-4
 
@@ -29,11 +33,13 @@ class Check:
 class Report:
     out_dir: str
     atol: float
+    strict: bool = False
     checks: list[Check] = dataclasses.field(default_factory=list)
 
     @property
     def passed(self) -> bool:
-        return all(c.passed is not False for c in self.checks)
+        """No check failed; with ``strict``, also none was skipped."""
+        return all(c.passed is True or (c.passed is None and not self.strict) for c in self.checks)
 
     def add(self, name: str, passed: bool | None, detail: str, value: float | None = None) -> Check:
         check = Check(name, passed, detail, value)
@@ -41,23 +47,48 @@ class Report:
         return check
 
     def to_json(self) -> str:
-        return json.dumps({"out_dir": self.out_dir, "atol": self.atol, "passed": self.passed,
-                           "checks": [dataclasses.asdict(c) for c in self.checks]}, indent=2) + "\n"
+        return json.dumps({"out_dir": self.out_dir, "atol": self.atol, "strict": self.strict, "passed": self.passed,
+                           "checks": [dataclasses.asdict(c) for c in self.checks]}, indent=2, allow_nan=False,
+                          default=str) + "\n"
 
     def text(self) -> str:
-        mark = {True: "PASS", False: "FAIL", None: "SKIP"}
+        mark = {True: "PASS", False: "FAIL", None: "FAIL" if self.strict else "SKIP"}
         lines = [f"{mark[c.passed]}  {c.name}: {c.detail}" for c in self.checks]
-        failed = sum(c.passed is False for c in self.checks)
-        lines.append(f"{len(self.checks) - failed} passed, {failed} failed")
+        failed = sum(c.passed is False or (c.passed is None and self.strict) for c in self.checks)
+        skipped = sum(c.passed is None for c in self.checks) if not self.strict else 0
+        lines.append(f"{len(self.checks) - failed - skipped} passed, {failed} failed"
+                     + (f", {skipped} could not run (--strict fails them)" if skipped else ""))
         return "\n".join(lines)
 
 
-def run_checks(out_dir: str | Path, reference: str | None = None, atol: float = DEFAULT_ATOL) -> Report:
-    """Every check on ``out_dir``; numbers compare ONNX Runtime with the torch reference model."""
+def run_checks(out_dir: str | Path, reference: str | None = None, atol: float = DEFAULT_ATOL, *,
+               adapters: dict[str, str] | None = None, strict: bool = False) -> Report:
+    """Every check on ``out_dir``; numbers compare ONNX Runtime with the torch reference model.
+
+    The reference is the source model (``reference`` or the manifest's) with each adapter read from its source PEFT
+    directory (``adapters[name]`` or the manifest's ``adapter_sources``), never from the files under test. A
+    comparison that cannot be made is reported as not run (``passed=None``), which ``strict`` counts as a failure.
+    Raises only when ``out_dir`` is not an export at all (no directory, no manifest.json).
+    """
     out_dir = Path(out_dir)
-    report = Report(str(out_dir), atol)
-    manifest = read_manifest(out_dir)
-    _structure(out_dir, manifest, report)
+    if not math.isfinite(atol) or atol < 0:
+        raise ExportFileError(f"atol={atol!r}: give a finite tolerance >= 0 (default {DEFAULT_ATOL:g})")
+    report = Report(str(out_dir), atol, strict)
+    if not out_dir.is_dir() or not (out_dir / MANIFEST).is_file():
+        read_manifest(out_dir)  # raises the "not an export" error
+    try:
+        manifest = read_manifest(out_dir)
+    except ExportFileError as err:
+        report.add("manifest", False, str(err))
+        return report
+    report.add("manifest", True, f"{MANIFEST} is well formed; every path it names is inside the export")
+    unknown = sorted(set(adapters or {}) - set(manifest.get("adapters") or {}) - {manifest.get("merged_adapter")})
+    if unknown:
+        raise ExportFileError(f"--adapter {unknown[0]}=...: the export has no adapter named {unknown[0]!r}"
+                              f"{did_you_mean(unknown[0], manifest.get('adapters') or {})}")
+    _files(out_dir, manifest, report)
+    if not _structure(out_dir, manifest, report):
+        return report
     try:
         session = AdapterSession(out_dir, providers=["CPUExecutionProvider"])
     except Exception as err:  # any load failure is the finding
@@ -65,11 +96,30 @@ def run_checks(out_dir: str | Path, reference: str | None = None, atol: float = 
         return report
     report.add("session_loads", True, f"inputs {session.input_names}, outputs {session.output_names}")
     _names(out_dir, manifest, session, report)
-    _numbers(manifest, session, reference or manifest["source"].get("model"), report)
+    _numbers(manifest, session, reference or (manifest.get("source") or {}).get("model"), report,
+             _adapter_sources(manifest, adapters or {}))
     return report
 
 
-def _structure(out_dir: Path, manifest: dict, report: Report) -> None:
+def _adapter_sources(manifest: dict, given: dict[str, str]) -> dict[str, str | None]:
+    recorded = dict(manifest.get("adapter_sources") or {})
+    if manifest.get("merged_adapter"):
+        recorded = {manifest["merged_adapter"]: manifest.get("merged_source")}
+    return {name: given.get(name) or recorded.get(name) for name in (manifest.get("adapters") or recorded)}
+
+
+def _files(out_dir: Path, manifest: dict, report: Report) -> None:
+    if "files" not in manifest:
+        report.add("file_hashes", None, "the manifest lists no sha256 per file (an export from before surgeon recorded "
+                                        "them): files cannot be verified; re-export")
+        return
+    changed = changed_files(out_dir, manifest)
+    report.add("file_hashes", not changed, f"sha256 of all {len(manifest['files'])} listed files match the manifest"
+               if not changed else f"{len(changed)} files differ from the export: {', '.join(changed[:8])}")
+
+
+def _structure(out_dir: Path, manifest: dict, report: Report) -> bool:
+    """The checker and the rank-0 defaults; False when the model file cannot even be parsed."""
     import onnx
 
     model_path = out_dir / manifest["model"]
@@ -77,8 +127,12 @@ def _structure(out_dir: Path, manifest: dict, report: Report) -> None:
         onnx.checker.check_model(str(model_path), full_check=True)
         report.add("onnx_checker", True, "onnx.checker (full) accepts the model")
     except Exception as err:
-        report.add("onnx_checker", False, f"onnx.checker: {str(err).splitlines()[0]}")
-    proto = onnx.load(str(model_path), load_external_data=False)
+        report.add("onnx_checker", False, f"onnx.checker: {(str(err).strip().splitlines() or [type(err).__name__])[0]}")
+    try:
+        proto = onnx.load(str(model_path), load_external_data=False)
+    except Exception as err:
+        report.add("model_file", False, f"{model_path}: not a readable ONNX model ({type(err).__name__}: {err})")
+        return False
     inits = {t.name: list(t.dims) for t in proto.graph.initializer}
     missing = []
     for lo in manifest.get("lora_inputs", []):
@@ -87,49 +141,56 @@ def _structure(out_dir: Path, manifest: dict, report: Report) -> None:
     report.add("rank0_defaults", not missing,
                "every adapter input has a rank-0 default initializer" if not missing
                else f"no rank-0 default for {', '.join(missing[:5])}")
+    return True
 
 
 def _names(out_dir: Path, manifest: dict, session: AdapterSession, report: Report) -> None:
-    import onnxruntime as ort
-
     declared = {n for lo in manifest.get("lora_inputs", []) for n in (lo["a"], lo["b"])}
     absent = sorted(declared - set(session.lora_inputs))
     report.add("manifest_inputs", not absent, "manifest adapter inputs exist in the model" if not absent
                else f"in the manifest but not the model: {', '.join(absent[:5])}")
-    for name, entry in sorted(manifest.get("adapters", {}).items()):
-        path = out_dir / entry["file"]
+    for name in sorted(manifest.get("adapters", {})):
         try:
-            params = ort.AdapterFormat.read_adapter(str(path)).get_parameters()
+            session.adapter(name)  # reads, checks names, dtypes and shapes, loads
         except Exception as err:
-            report.add(f"adapter_file[{name}]", False, f"{path}: unreadable ({err})")
+            report.add(f"adapter_file[{name}]", False, " ".join(str(err).split()))
             continue
-        extra = sorted(set(params) - set(session.lora_inputs))
-        report.add(f"adapter_names[{name}]", not extra, f"{len(params)} tensors, all named like model inputs"
-                   if not extra else f"names not in the model: {', '.join(extra[:5])}")
+        report.add(f"adapter_file[{name}]", True, "readable; names, dtypes and shapes fit the model's adapter inputs")
 
 
-def _numbers(manifest: dict, session: AdapterSession, reference: str | None, report: Report) -> None:
+def _numbers(manifest: dict, session: AdapterSession, reference: str | None, report: Report,
+             sources: dict[str, str | None]) -> None:
     if not reference:
         report.add("reference", None, "no reference model in the manifest; pass --reference MODEL")
         return
+    merged = manifest.get("merged_adapter")
+    usable = {n: d for n, d in sources.items() if d and Path(d).is_dir()}
+    for name in sorted(set(sources) - set(usable)):
+        why = f"its source {sources[name]} is not a directory here" if sources[name] else "no source directory recorded"
+        report.add(f"{'merged' if merged else 'adapter'}[{name}]_vs_torch", None,
+                   f"could not compare adapter {name!r} with torch: {why}; pass --adapter {name}=PEFT_DIR")
     try:
-        ref = _reference_model(reference, manifest, session)
+        ref = _reference_model(reference, manifest, usable)
     except Exception as err:
-        report.add("reference", False, f"could not build the torch reference from {reference}: {err}")
+        report.add("reference", False, f"could not build the torch reference from {reference}: {' '.join(str(err).split())}")
         return
     causal = manifest["source"].get("class", "").endswith(("ForCausalLM", "LMHeadModel"))
-    cases = [(None, "base")] + [(name, f"adapter[{name}]") for name in sorted(manifest.get("adapters", {}))]
-    if manifest.get("merged_adapter"):
-        cases = [(manifest["merged_adapter"], f"merged[{manifest['merged_adapter']}]")]
+    cases = [(None, "base")] + [(name, f"adapter[{name}]") for name in sorted(manifest.get("adapters", {}))
+                                if name in usable]
+    if merged:
+        cases = [(merged, f"merged[{merged}]")] if merged in usable else []
     kv = bool(manifest.get("kv_cache"))
     quantized = manifest.get("quantization")
     for adapter, label in cases:
         worst = step_worst = scale = 0.0
+        bad: list[str] = []
         for b, s in ((1, 7), (3, 12)):
-            feeds = _feeds(ref.base.config, session.input_names, b, s, causal)
-            run_adapter = None if manifest.get("merged_adapter") else adapter
+            feeds = _feeds(getattr(ref, 'base', ref).config, session.input_names, b, s, causal)
+            run_adapter = None if merged else adapter
             out = session.run({**feeds, **empty_past(manifest['generation'], b)} if kv else feeds, adapter=run_adapter)
+            bad += [f"ORT {k} at {b}x{s}" for k, v in out.items() if not np.isfinite(v).all()]
             want = _torch_logits(ref, feeds, adapter)
+            bad += [f"torch logits at {b}x{s}"] if not np.isfinite(want).all() else []
             scale = max(scale, float(np.abs(want).max()))
             worst = max(worst, _max_diff(out["logits"], want, feeds["attention_mask"]))
             if kv:
@@ -140,11 +201,18 @@ def _numbers(manifest: dict, session: AdapterSession, reference: str | None, rep
 
             rtol = CHECK_RTOL[quantized["bits"]]
             tol, how = max(tol, rtol * scale), f"{quantized['bits']}-bit re-quantized: {rtol:g} x max |logit| {scale:.3g}"
+        if bad:
+            report.add(f"{label}_finite", False, f"non-finite values (NaN/Inf) in {', '.join(bad[:4])}")
         report.add(f"{label}_vs_torch", worst <= tol,
-                   f"max |ORT - torch| = {worst:.3g} on real tokens ({how}, batch 1x7 and 3x12)", worst)
+                   f"max |ORT - torch| = {worst:.3g} on real tokens ({how}, batch 1x7 and 3x12)", _finite_or_none(worst))
         if kv:
             report.add(f"{label}_decode_vs_torch", step_worst <= tol,
-                       f"one decode step on the KV cache: max |ORT - torch| = {step_worst:.3g} ({how})", step_worst)
+                       f"one decode step on the KV cache: max |ORT - torch| = {step_worst:.3g} ({how})",
+                       _finite_or_none(step_worst))
+
+
+def _finite_or_none(x: float) -> float | None:
+    return x if math.isfinite(x) else None
 
 
 def _decode_step_diff(session: AdapterSession, ref, feeds: dict, prefill: dict, run_adapter, adapter) -> float:
@@ -158,7 +226,8 @@ def _decode_step_diff(session: AdapterSession, ref, feeds: dict, prefill: dict, 
     whole = {"input_ids": np.concatenate([feeds["input_ids"], token], axis=1), "attention_mask": mask,
              "position_ids": np.clip(np.cumsum(mask, 1) - 1, 0, None)}
     want = _torch_logits(ref, whole, adapter)[:, -1]
-    return float(np.abs(got.astype(np.float64) - want.astype(np.float64)).max())
+    diff = np.abs(got.astype(np.float64) - want.astype(np.float64))
+    return float(diff.max()) if np.isfinite(diff).all() else math.inf
 
 
 def _feeds(config, names: list[str], b: int, s: int, causal: bool) -> dict[str, np.ndarray]:
@@ -178,18 +247,15 @@ def _feeds(config, names: list[str], b: int, s: int, causal: bool) -> dict[str, 
 
 
 def _max_diff(got: np.ndarray, want: np.ndarray, mask: np.ndarray) -> float:
+    """Largest difference at real positions; ``inf`` when either side has a NaN or Inf there (max() would drop NaN)."""
     diff = np.abs(got.astype(np.float64) - want.astype(np.float64))
     if diff.ndim == 3:
         diff = diff[mask.astype(bool)]
-    return float(diff.max())
+    return float(diff.max()) if np.isfinite(diff).all() else math.inf
 
 
-def _reference_model(reference: str, manifest: dict, session: AdapterSession):
-    """The torch model the export came from: base + adapters rebuilt from the shipped files."""
-    import onnxruntime as ort
-    import torch
-
-    from surgeon.config import LoraConfig
+def _reference_model(reference: str, manifest: dict, sources: dict[str, str]):
+    """The torch model the export came from: the source base + each adapter from its source PEFT directory."""
     from surgeon.hub import load_model
     from surgeon.model import SurgeonModel
 
@@ -201,38 +267,24 @@ def _reference_model(reference: str, manifest: dict, session: AdapterSession):
         base = load_quantized(reference, bits=quantized["bits"], task=task)
     else:
         base = load_model(reference, task=task)
-    merged = manifest.get("merged_adapter")
-    if merged:
-        source = manifest.get("merged_source")
-        if not source or not Path(source).is_dir():
-            raise FileNotFoundError(f"merged adapter source {source!r} is not available")
-        return SurgeonModel.from_pretrained(base, source, adapter_name=merged).eval()
     model = None
-    for name, entry in sorted(manifest.get("adapters", {}).items()):
-        config = LoraConfig.from_peft_dict(entry["config"])
-        model = SurgeonModel(base, config, name) if model is None else (model.add_adapter(name, config) or model)
-        params = ort.AdapterFormat.read_adapter(str(session.dir / entry["file"])).get_parameters()
-        layers = {m.path: m for m in model._registry().values() if hasattr(m, "adapters")}
-        with torch.no_grad():
-            for lo in manifest["lora_inputs"]:
-                if lo["a"] in params and name in layers[lo["path"]].adapters:
-                    adapter = layers[lo["path"]].adapters[name]
-                    adapter.lora_A.copy_(torch.from_numpy(params[lo["a"]].numpy()).t())
-                    adapter.lora_B.copy_(torch.from_numpy(params[lo["b"]].numpy()).t() / adapter.scaling)
-    return model.eval()
+    for name, directory in sorted(sources.items()):
+        if model is None:
+            model = SurgeonModel.from_pretrained(base, directory, adapter_name=name)
+        else:
+            model.load_adapter(directory, adapter_name=name)
+    return (model if model is not None else base).eval()  # no adapter to compare: the plain base
 
 
 def _torch_logits(model, feeds: dict[str, np.ndarray], adapter: str | None) -> np.ndarray:
-    import contextlib
-
     import torch
 
     inputs = {k: torch.from_numpy(v) for k, v in feeds.items()}
     with torch.no_grad():
+        if not hasattr(model, "peft_config"):  # the plain base model (no adapter had a source)
+            return model(**inputs).logits.numpy()
         if adapter is None:
             with model.disable_adapter():
                 return model(**inputs).logits.numpy()
-        if adapter in model.peft_config:
-            model.set_adapter(adapter)
-        with contextlib.nullcontext():
-            return model(**inputs).logits.numpy()
+        model.set_adapter(adapter)
+        return model(**inputs).logits.numpy()

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import functools
+import math
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 import click
 
+from surgeon.config import MAX_RANK
 from surgeon.errors import SurgeonError
 
 
@@ -29,34 +33,125 @@ def _quiet() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=UserWarning)
+    from surgeon.errors import SurgeonNotice
+
+    warnings.filterwarnings("always", category=SurgeonNotice)  # after the line above: notices still show
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def _fail(message: str, code: int) -> None:
+    click.echo(f"surgeon: error: {_one_line(message)}", err=True)
+    sys.exit(code)
+
+
+def _on_sigterm(signum, frame) -> None:
+    """SIGTERM unwinds like an exception, so temporary output is removed on the way out."""
+    click.echo("surgeon: terminated (SIGTERM); nothing was written", err=True)
+    raise SystemExit(128 + signal.SIGTERM)
+
+
+def _show_notices():
+    """``SurgeonNotice`` warnings become ``surgeon: note: ...`` lines on stderr (returns the previous showwarning)."""
+    import warnings
+
+    from surgeon.errors import SurgeonNotice
+
+    shown = warnings.showwarning
+
+    def show(message, category, *args, **kwargs):
+        if issubclass(category, SurgeonNotice):
+            click.echo(f"surgeon: note: {_one_line(message)}", err=True)
+        else:
+            shown(message, category, *args, **kwargs)
+
+    warnings.showwarning = show
+    warnings.filterwarnings("always", category=SurgeonNotice)
+    return shown
 
 
 def friendly(fn):
-    """Turn a ``SurgeonError`` (or a missing file) into one line on stderr and exit status 1."""
+    """Errors become one line on stderr and the exit code of the contract: 2 bad input or usage (refused before any
+    work), 1 work that ran and failed. An unexpected exception is one line too (``SURGEON_DEBUG=1`` shows the
+    traceback)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        main_thread = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGTERM, _on_sigterm) if main_thread else None
+        shown = _show_notices()
         try:
             return fn(*args, **kwargs)
-        except (SurgeonError, FileNotFoundError, PermissionError) as err:
-            message = " ".join(str(err).split())
-            click.echo(f"surgeon: error: {message}", err=True)
-            sys.exit(1)
+        except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
+        except SurgeonError as err:
+            _fail(str(err), err.exit_code)
+        except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError) as err:
+            _fail(str(err), 2)
+        except KeyboardInterrupt:
+            _fail("interrupted; nothing was written", 130)
+        except Exception as err:
+            if os.environ.get("SURGEON_DEBUG"):
+                raise
+            _fail(f"unexpected {type(err).__name__}: {err} (a surgeon bug: please report it; SURGEON_DEBUG=1 shows "
+                  "the traceback)", 1)
+        finally:
+            if main_thread:
+                signal.signal(signal.SIGTERM, previous)
+            import warnings
+
+            warnings.showwarning = shown
 
     return wrapper
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class Surgeon(click.Group):
+    """Usage errors (bad options, numbers out of range) as one line and exit 2, like every other refusal."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.ClickException as err:
+            where = f" (see `surgeon {err.ctx.command.name} --help`)" if getattr(err, "ctx", None) and \
+                err.ctx.command is not self else ""
+            _fail(err.format_message() + where, err.exit_code)
+        except click.exceptions.Abort:
+            _fail("aborted", 1)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+@click.group(cls=Surgeon, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="surgeon")
 def main() -> None:
     """LoRA as compiler passes: capture, inject, train, fold, export."""
 
 
+def _finite(low: float | None = None, high: float | None = None, *, low_open: bool = False, high_open: bool = False):
+    """A click callback: a finite float within the bounds (click's FloatRange lets NaN through)."""
+
+    def check(ctx, param, value):
+        if value is None:
+            return value
+        bad = not math.isfinite(value) or (low is not None and (value < low or low_open and value == low)) or \
+            (high is not None and (value > high or high_open and value == high))
+        if bad:
+            lo = "" if low is None else f"{'>' if low_open else '>='} {low:g}"
+            hi = "" if high is None else f"{'<' if high_open else '<='} {high:g}"
+            raise click.BadParameter(f"{value!r}: give a finite number {' and '.join(x for x in (lo, hi) if x)}")
+        return value
+
+    return check
+
+
 def lora_options(fn):
     fn = click.option("-t", "--target", "targets", multiple=True, help="Module name (suffix) to adapt; repeat. Default: the model family's usual ones.")(fn)
-    fn = click.option("-r", "--rank", default=8, show_default=True, type=int, help="LoRA rank r.")(fn)
-    fn = click.option("--alpha", default=16.0, show_default=True, type=float, help="lora_alpha (scale = alpha / r).")(fn)
-    fn = click.option("--dropout", default=0.0, show_default=True, type=float, help="lora_dropout.")(fn)
+    fn = click.option("-r", "--rank", default=8, show_default=True, type=click.IntRange(1, MAX_RANK), help="LoRA rank r.")(fn)
+    fn = click.option("--alpha", default=16.0, show_default=True, type=float, callback=_finite(0, low_open=True),
+                      help="lora_alpha (scale = alpha / r).")(fn)
+    fn = click.option("--dropout", default=0.0, show_default=True, type=float, callback=_finite(0, 1, high_open=True),
+                      help="lora_dropout, in [0, 1).")(fn)
     fn = click.option("--all-linear", is_flag=True, help="Target every linear layer but the output layer.")(fn)
     return fn
 
@@ -92,6 +187,31 @@ def _load_base(model: str, bits: str | None, task: str | None = None):
     return load_model(model, task=task)
 
 
+def _input_dir(model: str) -> Path | None:
+    """MODEL's directory (built-in or local) when there is one: an input no write may destroy."""
+    from surgeon.hub import BUILTIN
+
+    return BUILTIN[model] if model in BUILTIN else (Path(model) if Path(model).exists() else None)
+
+
+def _check_adapter_out(output: str, inputs: list, force: bool) -> None:
+    """Refuse, before any work, an adapter OUT that is a model directory, an input, or exists without --force."""
+    from surgeon.adapters import refuse_model_dir
+    from surgeon.outputs import check_out
+
+    refuse_model_dir(Path(output))
+    empty = Path(output).is_dir() and not any(Path(output).iterdir())  # an empty directory is as good as none
+    check_out(output, inputs, force=force or empty)
+
+
+def _write_adapter(peft_model, output: str, inputs: list, force: bool) -> None:
+    from surgeon.outputs import write_dir_atomically
+
+    out = Path(output)
+    empty = out.is_dir() and not any(out.iterdir())
+    write_dir_atomically(out, peft_model.save_pretrained, force=force or empty, inputs=inputs)
+
+
 def _base_name(model: str) -> str:
     from surgeon.hub import BUILTIN
 
@@ -103,14 +223,17 @@ def _base_name(model: str) -> str:
 @lora_options
 @click.option("--dry-run", is_flag=True, help="Print the target table and the parameter count; write nothing.")
 @click.option("-o", "--output", type=click.Path(file_okay=False), help="Write the initialised adapter here.")
+@click.option("--force", is_flag=True, help="Replace OUT if it exists (never a model directory or an input).")
 @bits_option
 @friendly
-def inject(model, targets, rank, alpha, dropout, all_linear, dry_run, output, bits):
+def inject(model, targets, rank, alpha, dropout, all_linear, dry_run, output, bits, force):
     """Show where LoRA goes in MODEL (a directory or built-in name) and write the initial adapter."""
     _quiet()
     from surgeon.matching import match
     from surgeon.model import get_peft_model, trainable_parameters_line
 
+    if output and not dry_run:
+        _check_adapter_out(output, [_input_dir(model)], force)
     base = _load_base(model, bits)
     config = _config(targets, rank, alpha, dropout, all_linear, _base_name(model))
     peft_model = get_peft_model(base, config)
@@ -118,7 +241,7 @@ def inject(model, targets, rank, alpha, dropout, all_linear, dry_run, output, bi
     click.echo(_targets_table(found))
     click.echo(trainable_parameters_line(*peft_model.get_nb_trainable_parameters()))
     if output and not dry_run:
-        peft_model.save_pretrained(output)
+        _write_adapter(peft_model, output, [_input_dir(model)], force)
         click.echo(f"wrote adapter to {output}")
 
 
@@ -127,17 +250,19 @@ def inject(model, targets, rank, alpha, dropout, all_linear, dry_run, output, bi
 @click.option("--data", type=click.Path(dir_okay=False), help="UTF-8 text to fine-tune on. Default: the bundled text.")
 @click.option("--heldout", type=click.Path(dir_okay=False), help="Held-out text for the before/after loss. Default: bundled, or the last 10% of --data.")
 @lora_options
-@click.option("--steps", default=150, show_default=True, type=int)
-@click.option("--lr", default=2e-3, show_default=True, type=float)
-@click.option("--batch-size", default=8, show_default=True, type=int)
-@click.option("--seq-len", default=128, show_default=True, type=int)
-@click.option("--seed", default=0, show_default=True, type=int)
-@click.option("--eval-blocks", "eval_blocks_n", default=64, show_default=True, type=int, help="Held-out blocks for the before/after loss.")
+@click.option("--steps", default=150, show_default=True, type=click.IntRange(1))
+@click.option("--lr", default=2e-3, show_default=True, type=float, callback=_finite(0, low_open=True))
+@click.option("--batch-size", default=8, show_default=True, type=click.IntRange(1))
+@click.option("--seq-len", default=128, show_default=True, type=click.IntRange(2))
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(0, 2**32 - 1))
+@click.option("--eval-blocks", "eval_blocks_n", default=64, show_default=True, type=click.IntRange(1),
+              help="Held-out blocks for the before/after loss.")
 @click.option("-o", "--output", default="runs/adapter", show_default=True, type=click.Path(file_okay=False))
+@click.option("--force", is_flag=True, help="Replace OUT if it exists (never a model directory or an input).")
 @bits_option
 @friendly
 def train(model, data, heldout, targets, rank, alpha, dropout, all_linear, steps, lr, batch_size, seq_len, seed,
-          eval_blocks_n, output, bits):
+          eval_blocks_n, output, force, bits):
     """Fine-tune a LoRA adapter on MODEL (default: the embedded tiny GPT-2) and write it."""
     _quiet()
     import torch
@@ -148,6 +273,8 @@ def train(model, data, heldout, targets, rank, alpha, dropout, all_linear, steps
     from surgeon.train import train as run
 
     model = model or DEFAULT_MODEL
+    inputs = [_input_dir(model), data, heldout]
+    _check_adapter_out(output, inputs, force)
     targets = targets or (() if all_linear else BUILTIN_TARGETS.get(model, ()))
     settings = TrainSettings(steps=steps, lr=lr, batch_size=batch_size, seq_len=seq_len, seed=seed)
     tokenizer = load_tokenizer(model)
@@ -168,7 +295,7 @@ def train(model, data, heldout, targets, rank, alpha, dropout, all_linear, steps
     result = run(peft_model, blocks, eval_blocks, settings)
     before, after = result["heldout_loss_before"], result["heldout_loss_after"]
     click.echo(f"held-out loss: {before:.4f} -> {after:.4f} ({100 * (after - before) / before:+.1f}%)")
-    peft_model.save_pretrained(output)
+    _write_adapter(peft_model, output, inputs, force)
     click.echo(f"wrote adapter to {output}")
 
 
@@ -191,17 +318,22 @@ def fold(model, adapter_dirs, output, weights, dtype, fmt, kv_cache, bits, requa
     """Fold ADAPTER_DIRS into MODEL's weights and write a checkpoint AutoModel*.from_pretrained loads."""
     _quiet()
     from surgeon.checkpoint import fold_checkpoint, fold_onnx
+    from surgeon.outputs import check_out
 
     try:
         parsed = [float(w) for w in weights.split(",")] if weights else None
     except ValueError:
-        raise click.BadParameter(f"--weights {weights!r}: give numbers separated by commas, e.g. 0.7,0.3") from None
+        parsed = [math.nan]
+    if parsed is not None and not all(math.isfinite(w) for w in parsed):
+        raise click.BadParameter(f"--weights {weights!r}: give finite numbers separated by commas, e.g. 0.7,0.3")
+    inputs = [_input_dir(model), *adapter_dirs]
     if fmt == "onnx":
         if bits:
             raise click.BadParameter("--bits with --format onnx is not supported yet; fold to a float checkpoint "
                                      "first (surgeon fold MODEL ADAPTER --bits N -o MERGED), then export MERGED")
         if dtype:
             raise click.BadParameter("--dtype applies to --format hf; ONNX exports are fp32")
+        check_out(output, inputs, force=force)
         out = fold_onnx(model, adapter_dirs, output, weights=parsed, force=force, source=_base_name(model),
                         kv_cache=kv_cache)
         click.echo(f"wrote merged ONNX model to {out}")
@@ -216,13 +348,17 @@ def fold(model, adapter_dirs, output, weights, dtype, fmt, kv_cache, bits, requa
                    f"mean {report['mean_relative_error']:.4f}, max {report['max_relative_error']:.4f} "
                    f"({report['worst_layer']}); the float merge is exact, this is what quantizing it again costs")
 
+    check_out(output, inputs, force=force)
     out = fold_checkpoint(model, adapter_dirs, output, weights=parsed, force=force, dtype=dtype,
                           bits=int(bits) if bits else None, requantize=requantize, on_report=show)
     click.echo(f"wrote merged checkpoint to {out}")
 
 
 def _adapter_names(adapter_dirs, names):
-    names = list(names) or [Path(d).resolve().name for d in adapter_dirs]
+    from surgeon.adapters import check_name
+
+    names = [check_name(n, "--name") for n in names] or [check_name(Path(d).resolve().name, f"the name of {d}")
+                                                       for d in adapter_dirs]
     if len(names) != len(adapter_dirs):
         raise click.BadParameter(f"{len(names)} --name values for {len(adapter_dirs)} adapter directories")
     if len(set(names)) != len(names):
@@ -250,6 +386,9 @@ def export(model, adapter_dirs, output, names, merged, kv_cache, bits, force):
 
     names = _adapter_names(adapter_dirs, names)
     from surgeon.adapters import read_adapter_dir
+    from surgeon.outputs import check_out
+
+    check_out(output, [_input_dir(model), *adapter_dirs], force=force)
 
     config, _ = read_adapter_dir(adapter_dirs[0])
     base = _load_base(model, bits, task=config.task_type.value if config.task_type else None)
@@ -283,6 +422,9 @@ def generate(model, adapters, with_base, prompt, max_new_tokens, sample, tempera
     _quiet()
     from surgeon.textgen import generate_text
 
+    if not prompt:
+        raise click.BadParameter("the prompt is empty; give the text to continue", param_hint="--prompt")
+
     runs = list(adapters) or [None]
     if with_base and None not in runs:
         runs.insert(0, None)
@@ -295,26 +437,53 @@ def generate(model, adapters, with_base, prompt, max_new_tokens, sample, tempera
         click.echo()
 
 
+def _adapter_pairs(values) -> dict[str, str]:
+    pairs = {}
+    for value in values:
+        name, sep, directory = value.partition("=")
+        if not sep or not name or not directory:
+            raise click.BadParameter(f"{value!r}: give NAME=PEFT_DIR (the adapter's name in the export, its source "
+                                     "directory)", param_hint="--adapter")
+        pairs[name] = directory
+    return pairs
+
+
+def _json_target(json_path: str | None) -> Path | None:
+    """Where ``--json`` goes, refused before any check runs when it cannot be written."""
+    if not json_path:
+        return None
+    path = Path(json_path)
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir() or not os.access(parent, os.W_OK):
+                raise click.BadParameter(f"{json_path}: cannot write there ({parent} is "
+                                         f"{'not a directory' if not parent.is_dir() else 'not writable'})",
+                                         param_hint="--json")
+            break
+    return path
+
+
 @main.command()
 @click.argument("out_dir", type=click.Path())
 @click.option("--reference", help="Torch model to compare with (default: the source named in the manifest).")
+@click.option("-a", "--adapter", "adapter_sources", multiple=True, metavar="NAME=DIR",
+              help="The source PEFT directory of adapter NAME (default: the one recorded at export). Repeat.")
+@click.option("--strict", is_flag=True, help="A comparison that cannot be made (no source, no reference) fails.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write a machine-readable report here.")
-@click.option("--atol", default=1e-4, show_default=True, type=float, help="Max |ORT - torch| on logits.")
-def check(out_dir, reference, json_path, atol):
-    """Check an export for CI: exit 0 pass, 1 a check failed, 2 usage error."""
+@click.option("--atol", default=1e-4, show_default=True, type=float, callback=_finite(0), help="Max |ORT - torch| on logits.")
+@friendly
+def check(out_dir, reference, adapter_sources, strict, json_path, atol):
+    """Check an export for CI: exit 0 pass, 1 a check failed, 2 bad invocation (not an export, bad options)."""
     _quiet()
     from surgeon.checks import run_checks
+    from surgeon.outputs import atomic_write_bytes
 
-    try:
-        report = run_checks(out_dir, reference=reference, atol=atol)
-    except (SurgeonError, FileNotFoundError) as err:
-        click.echo(f"surgeon: error: {' '.join(str(err).split())}", err=True)
-        sys.exit(2)
+    target = _json_target(json_path)
+    report = run_checks(out_dir, reference=reference, atol=atol, adapters=_adapter_pairs(adapter_sources),
+                        strict=strict)
     click.echo(report.text())
-    if json_path:
-        from surgeon.adapters import atomic_write_bytes
-
-        atomic_write_bytes(Path(json_path), report.to_json().encode())
+    if target:
+        atomic_write_bytes(target, report.to_json().encode())
     sys.exit(0 if report.passed else 1)
 
 

@@ -59,6 +59,8 @@ _IGNORED = {"peft_type", "peft_version", "auto_mapping", "loftq_config", "megatr
             "qalora_group_size", "ensure_weight_tying", "inference_mode_default"}
 
 _SENTINEL = object()
+# The largest rank surgeon accepts: far above any useful LoRA rank, far below what would exhaust memory by itself.
+MAX_RANK = 1 << 16
 
 
 def _tupled(value):
@@ -187,10 +189,10 @@ def _pattern_value(patterns: Mapping[str, Any], path: str, default: Any) -> Any:
 
 def _problems(c: LoraConfig):
     """Every problem with ``c`` at once, each naming field, value and fix."""
-    if not isinstance(c.r, int) or isinstance(c.r, bool) or c.r <= 0:
-        yield f"r={c.r!r}: the rank must be a positive integer (typical values 4 to 64)"
-    if not isinstance(c.lora_alpha, (int, float)) or c.lora_alpha <= 0:
-        yield f"lora_alpha={c.lora_alpha!r}: must be a positive number (commonly 2*r)"
+    if not isinstance(c.r, int) or isinstance(c.r, bool) or not 0 < c.r <= MAX_RANK:
+        yield f"r={_short(c.r)}: the rank must be a positive integer, at most {MAX_RANK} (typical values 4 to 64)"
+    if not _positive(c.lora_alpha):
+        yield f"lora_alpha={_short(c.lora_alpha)}: must be a finite positive number (commonly 2*r)"
     if not isinstance(c.lora_dropout, (int, float)) or not 0 <= c.lora_dropout < 1:
         yield f"lora_dropout={c.lora_dropout!r}: must be in [0, 1) (0.05 or 0.1 are usual)"
     if c.bias not in ("none", "all", "lora_only"):
@@ -208,9 +210,42 @@ def _problems(c: LoraConfig):
         (isinstance(ltt, int) and ltt >= 0) or (isinstance(ltt, tuple) and all(isinstance(i, int) and i >= 0 for i in ltt))
     ):
         yield f"layers_to_transform={ltt!r}: must be a layer index or a list of layer indices (>= 0)"
-    for key, value in dict(c.rank_pattern).items():
-        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-            yield f"rank_pattern[{key!r}]={value!r}: ranks must be positive integers"
-    for key, value in dict(c.alpha_pattern).items():
-        if not isinstance(value, (int, float)) or value <= 0:
-            yield f"alpha_pattern[{key!r}]={value!r}: alphas must be positive numbers"
+    for name in ("target_modules", "exclude_modules", "layers_pattern"):
+        value = getattr(c, name)
+        if isinstance(value, str):
+            yield from _regex_problem(f"{name}={value!r}", value)
+    for name, valid in (("rank_pattern", lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 < v <= MAX_RANK),
+                        ("alpha_pattern", _positive)):
+        patterns = getattr(c, name)
+        if not isinstance(patterns, Mapping):
+            yield f"{name}={_short(patterns)}: must be a mapping of module name (or regex) to a value"
+            continue
+        for key, value in patterns.items():
+            if not isinstance(key, str):
+                yield f"{name} key {_short(key)}: must be a module name or regex string"
+                continue
+            yield from _regex_problem(f"{name}[{key!r}]", rf"(.*\.)?{key}")
+            if not valid(value):
+                what = f"an integer in [1, {MAX_RANK}]" if name == "rank_pattern" else "a finite positive number"
+                yield f"{name}[{key!r}]={_short(value)}: must be {what}"
+
+
+def _positive(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+
+
+def _short(value) -> str:
+    try:
+        text = repr(value)
+    except ValueError:  # an int past Python's 4300-digit limit for str()
+        return f"<an integer of {value.bit_length()} bits>"
+    return text if len(text) <= 40 else f"{text[:20]}...({len(text)} characters)"
+
+
+def _regex_problem(label: str, pattern: str):
+    import re
+
+    try:
+        re.compile(pattern)
+    except (re.error, RecursionError, OverflowError) as err:
+        yield f"{label}: not a valid regular expression ({err}); escape special characters or list names instead"

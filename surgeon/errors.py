@@ -12,7 +12,27 @@ from collections.abc import Iterable
 
 
 class SurgeonError(Exception):
-    """Root of every error surgeon raises on purpose."""
+    """Root of every error surgeon raises on purpose.
+
+    ``exit_code`` is the CLI's contract: 2 for input or usage refused before any work (the default), 1 for work
+    that ran and failed (a check, a write cut short, training that diverged).
+    """
+
+    exit_code = 2
+
+
+class SurgeonNotice(UserWarning):
+    """Something surgeon did on the user's behalf that they should hear about (the CLI prints it as a note)."""
+
+
+class OutputError(SurgeonError, FileExistsError):
+    """OUT exists already, cannot be written, or would destroy an input."""
+
+
+class WriteError(SurgeonError, OSError):
+    """Writing OUT failed part-way (disk full, file size limit); nothing was left behind."""
+
+    exit_code = 1
 
 
 class ConfigError(SurgeonError, ValueError):
@@ -45,6 +65,24 @@ class ModelNotFoundError(SurgeonError, FileNotFoundError):
 
 class DataError(SurgeonError, ValueError):
     """Training data is missing or too small to use."""
+
+
+class TrainingDiverged(SurgeonError, ArithmeticError):
+    """The loss became NaN or infinite while training."""
+
+    exit_code = 1
+
+
+class ModelFileError(ModelNotFoundError):
+    """A model directory is there but a file in it (config.json, weights) is unreadable or not a model's."""
+
+
+class GenerationArgumentError(SurgeonError, ValueError):
+    """A generation argument (sampling setting, token id, prompt) that cannot be honoured."""
+
+
+class ExportFileError(SurgeonError, ValueError):
+    """An export directory's manifest or files are malformed or point outside the export."""
 
 
 class UnknownArgumentError(SurgeonError, TypeError):

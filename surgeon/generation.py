@@ -245,6 +245,18 @@ def context_length(model: nn.Module) -> int | None:
                  if isinstance(getattr(config, k, None), int)), None)
 
 
+def check_generate_arguments(model: nn.Module, kwargs: dict[str, Any]) -> None:
+    """Sampling settings and token ids, checked as ``AdapterSession.generate`` checks them (``surgeon.sampling``)."""
+    from surgeon.sampling import check_sampling, check_token_ids
+
+    where = f"{type(model).__name__}.generate"
+    check_sampling(kwargs, where)
+    ids = kwargs.get("input_ids")
+    if isinstance(ids, torch.Tensor):
+        check_token_ids(ids.detach().cpu().numpy(), getattr(model.config, "vocab_size", None), where)
+    check_context(model, kwargs)
+
+
 def check_context(model: nn.Module, kwargs: dict[str, Any]) -> None:
     """A prompt (plus the tokens asked for) longer than the model's positions fails here, not deep in the model."""
     context = context_length(model)
@@ -272,12 +284,12 @@ def generate(model, *args, **kwargs):
         kwargs.setdefault("input_ids", args[0])
         if len(args) > 1:
             raise GenerationError("pass generation arguments by name (input_ids=..., max_new_tokens=...)")
+    check_generate_arguments(model.base, kwargs)
     if kwargs.get("cache_implementation") not in (None, "dynamic"):
         raise GenerationError(f"cache_implementation={kwargs['cache_implementation']!r} is not supported by the decode "
                               "graph, which keeps a DynamicCache; leave it unset")
     if kwargs.get("use_cache") is False:
         raise GenerationError("use_cache=False is not supported: the decode graph always uses the KV cache")
-    check_context(model.base, kwargs)
     if not {NEW_CACHE_NAME, OLD_CACHE_NAME} & set(kwargs):
         kwargs[cache_name(model.base)] = DynamicCache()  # generate was renamed in the same release as forward
     graph, layout = model.decoder_graph()

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from torch import nn
 
-from surgeon.errors import ModelNotFoundError, did_you_mean
+from surgeon.errors import ModelFileError, ModelNotFoundError, did_you_mean
 
 ASSETS = Path(__file__).parent / "assets"
 BUILTIN = {"tiny-gpt2": ASSETS / "tiny-gpt2"}
@@ -32,15 +32,66 @@ def model_dir(name: str) -> Path:
                              f"built-in: {', '.join(BUILTIN)} (surgeon never downloads models)")
 
 
+def read_model_config(path: Path) -> dict:
+    """``config.json`` of a model directory as a dict, or an error naming the file."""
+    config_path = path / "config.json"
+    try:
+        config = json.loads(config_path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as err:
+        raise ModelFileError(f"{config_path}: not UTF-8 ({err.reason} at byte {err.start})") from None
+    except (ValueError, RecursionError) as err:
+        reason = "nested too deeply" if isinstance(err, RecursionError) else str(err)
+        raise ModelFileError(f"{config_path}: not valid JSON ({reason}); restore it from the model's source") from None
+    if not isinstance(config, dict):
+        raise ModelFileError(f"{config_path}: must hold a JSON object, got {type(config).__name__}")
+    archs = config.get("architectures")
+    if archs is not None and not (isinstance(archs, list) and all(isinstance(a, str) for a in archs)):
+        raise ModelFileError(f"{config_path}: 'architectures' must be a list of class names, got {archs!r}")
+    return config
+
+
+def weight_files(path: Path) -> list[Path]:
+    """The safetensors files transformers would read, each checked to open (a truncated file is named)."""
+    from safetensors import SafetensorError, safe_open
+
+    if (path / "adapter_config.json").is_file():
+        raise ModelFileError(f"{path}: holds adapter_config.json: it is (or contains) a PEFT adapter, not a base model; "
+                             "load the base, then PeftModel.from_pretrained(base, ADAPTER_DIR); remove the adapter "
+                             "files if they were written into the model's directory by mistake")
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as err:
+            raise ModelFileError(f"{index}: not a safetensors index ({type(err).__name__}: {err})") from None
+        files = [path / shard for shard in shards]
+    elif (path / "model.safetensors").is_file():
+        files = [path / "model.safetensors"]
+    else:
+        others = sorted(p.name for p in path.iterdir() if p.suffix in (".safetensors", ".bin", ".pt", ".pth", ".ckpt"))
+        raise ModelFileError(f"{path}: no model.safetensors (or model.safetensors.index.json)"
+                             + (f"; found {', '.join(others)}" if others else "")
+                             + ". surgeon loads safetensors only (no pickle). Convert with: "
+                             "AutoModel.from_pretrained(dir).save_pretrained(dir, safe_serialization=True)")
+    for f in files:
+        if not f.is_file():
+            raise ModelFileError(f"{f}: listed in the index but missing")
+        try:
+            with safe_open(str(f), "np") as handle:
+                handle.keys()
+        except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+            raise ModelFileError(f"{f}: not a readable safetensors file ({err}); it may be truncated or corrupt "
+                                 f"({f.stat().st_size} bytes)") from None
+    return files
+
+
 def load_model(name: str, *, task: str | None = None) -> nn.Module:
     """Load a transformers model from safetensors only (no pickle), in fp32, on CPU."""
     import transformers
 
     path = model_dir(name)
-    if not any(path.glob("*.safetensors")):
-        raise ModelNotFoundError(f"{path}: no *.safetensors weights; surgeon loads safetensors only (no pickle). "
-                                 "Convert with: AutoModel.from_pretrained(dir).save_pretrained(dir, safe_serialization=True)")
-    config = json.loads((path / "config.json").read_text())
+    config = read_model_config(path)
+    weight_files(path)
     archs = config.get("architectures") or []
     cls = getattr(transformers, archs[0], None) if archs else None
     autos = {"SEQ_CLS": transformers.AutoModelForSequenceClassification, "CAUSAL_LM": transformers.AutoModelForCausalLM,
@@ -49,7 +100,11 @@ def load_model(name: str, *, task: str | None = None) -> nn.Module:
         cls = autos[task]
     if cls is None:
         cls = transformers.AutoModelForCausalLM
-    return cls.from_pretrained(path, use_safetensors=True, dtype="float32")
+    try:
+        return cls.from_pretrained(path, use_safetensors=True, dtype="float32")
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ModelFileError(f"{path}: transformers could not load it as {cls.__name__} ({first})") from None
 
 
 def load_tokenizer(name: str):

@@ -81,6 +81,8 @@ class SurgeonModel(AdapterIO, MergeOps, nn.Module):
     def _add(self, name: str, config: LoraConfig, *, trainable: bool = True) -> None:
         if name in self.peft_config:
             raise AdapterError(f"an adapter named {name!r} exists already; adapters: {sorted(self.peft_config)}")
+        if not isinstance(name, str) or "." in name:  # torch's ModuleDict refuses dots (PEFT's names do too)
+            raise AdapterError(f"adapter name {name!r}: must be a string without '.', e.g. 'my-adapter'")
         graphs = self._graphs or {None: capture(self.base)}
         for sig, graph in list(graphs.items()):
             graphs[sig] = inject_lora(graph, config, name, reuse=self._registry())

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from surgeon.adapters import check_tensors, peft_keys, peft_saved_key, read_adapter_dir, write_adapter_dir
+from surgeon.adapters import check_name, check_ranks, check_tensors, peft_keys, peft_saved_key, read_adapter_dir, write_adapter_dir
 from surgeon.config import LoraConfig
 from surgeon.compat import check_kwargs, params_of, refuse_peft_load_flags, refuse_value
 from surgeon.errors import AdapterError, UnknownArgumentError
@@ -110,6 +110,8 @@ class AdapterIO:
             return
         for name in selected_adapters or list(self.peft_config):
             self._known(name)
+            if name != "default":
+                check_name(name, "adapter name (saved as a subdirectory)")
             target = Path(save_directory) if name == "default" else Path(save_directory) / name
             write_adapter_dir(target, self._config_to_save(name), self.adapter_state_dict(name))
 
@@ -159,6 +161,8 @@ class AdapterIO:
         file_config, tensors = read_adapter_dir(model_id)
         if config is not None and not isinstance(config, LoraConfig):
             raise AdapterError(f"PeftModel.from_pretrained: config must be a surgeon.LoraConfig, got {type(config).__name__}")
+        if config is not None:
+            check_ranks(config, tensors, str(Path(model_id)))
         config = config or file_config
         flags = [(p, p.requires_grad) for p in model.parameters()]
         try:

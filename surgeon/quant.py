@@ -258,17 +258,6 @@ def params_on_meta() -> Iterator[None]:
         nn.Module.register_parameter = original
 
 
-def _weight_files(directory: Path) -> list[Path]:
-    index = directory / "model.safetensors.index.json"
-    if index.is_file():
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return [directory / n for n in names]
-    single = directory / "model.safetensors"
-    if single.is_file():
-        return [single]
-    raise QuantizationError(f"{directory}: no model.safetensors (or index); surgeon reads safetensors checkpoints only")
-
-
 def _quant_method(qc) -> str | None:
     method = qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", None)
     return getattr(method, "value", method)
@@ -293,14 +282,22 @@ def load_quantized(directory: str | Path, bits: int = 4, *, quant_type: str = "n
     """
     import transformers
 
-    from surgeon.hub import model_dir
+    from surgeon.hub import model_dir, read_model_config, weight_files
 
     directory = model_dir(str(directory))
+    read_model_config(directory)
+    files = weight_files(directory)
     cd = DTYPES.get(compute_dtype, compute_dtype) if isinstance(compute_dtype, str) else compute_dtype
     if cd not in DTYPES.values():
         raise QuantizationError(f"compute_dtype={compute_dtype!r}; use one of {sorted(DTYPES)}")
     spec = QuantSpec(bits=bits, quant_type=quant_type, double_quant=double_quant, compute_dtype=cd)
-    config = transformers.AutoConfig.from_pretrained(directory)
+    try:
+        config = transformers.AutoConfig.from_pretrained(directory)
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        from surgeon.errors import ModelFileError
+
+        raise ModelFileError(f"{directory / 'config.json'}: transformers cannot read it "
+                             f"({(str(err).strip().splitlines() or [type(err).__name__])[0]})") from None
     check_not_prequantized(config, directory)
     auto = transformers.AutoModelForSequenceClassification if task == "SEQ_CLS" else transformers.AutoModelForCausalLM
     with params_on_meta():
@@ -308,7 +305,7 @@ def load_quantized(directory: str | Path, bits: int = 4, *, quant_type: str = "n
     targets = {path: m for path, m in model.named_modules() if path and _quantizable(path, m)}
     params = dict(model.named_parameters())
     pending: dict[str, dict[str, torch.Tensor]] = {}
-    for file in _weight_files(directory):
+    for file in files:
         for key, tensor in read_tensors(file):
             name = _param_name(key, params)
             if name is None:

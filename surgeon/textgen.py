@@ -127,9 +127,9 @@ def generate_text(model: str, adapter: str | None, prompt: str, max_new_tokens: 
     torch.manual_seed(sampling["seed"])
     with torch.no_grad():
         if adapter is None:
-            from surgeon.generation import check_context
+            from surgeon.generation import check_generate_arguments
 
-            check_context(base, {"input_ids": ids["input_ids"], **options})
+            check_generate_arguments(base, {"input_ids": ids["input_ids"], **options})
             base.generate(**ids, **options)
         else:
             from surgeon.model import SurgeonModel

@@ -216,7 +216,7 @@ def test_fold_command_writes_loadable_checkpoint(base_and_adapter, tmp_path):
     with torch.no_grad():
         assert (merged(**x).logits - reference(**x).logits).abs().max() <= FP32_ATOL
     again = _cli("fold", root / "base", root / "adapter", "-o", tmp_path / "merged")
-    assert again.returncode == 1 and "exists already" in again.stderr and "--force" in again.stderr
+    assert again.returncode == 2 and "exists already" in again.stderr and "--force" in again.stderr
     assert _cli("fold", root / "base", root / "adapter", "-o", tmp_path / "merged", "--force").returncode == 0
 
 
@@ -234,7 +234,7 @@ def test_fold_unwritable_out(base_and_adapter, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")
     result = _cli("fold", base_and_adapter / "base", base_and_adapter / "adapter", "-o", blocker / "sub")
-    assert result.returncode == 1 and "cannot write there" in result.stderr and "Traceback" not in result.stderr
+    assert result.returncode == 2 and "cannot write there" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_disk_full_mid_write_leaves_nothing(base_and_adapter, tmp_path):

@@ -66,7 +66,8 @@ def build_pair(name, tmp_path_factory):
     ref.eval()
     ours = surgeon.PeftModel.from_pretrained(make_base(name), root / "adapters").eval()
     ours.load_adapter(root / "adapters" / "second", adapter_name="second")
-    out = export_onnx(ours, root / "onnx", kv_cache=True, source=None)
+    out = export_onnx(ours, root / "onnx", kv_cache=True, source=None,
+                      adapter_sources={"default": root / "adapters", "second": root / "adapters" / "second"})
     return name, ref, ours, out
 
 
@@ -147,7 +148,7 @@ def test_kv_export_names_and_dims(pairs, name):
 @pytest.mark.parametrize("name", DECODERS)
 def test_onnx_prefill_and_decode_logits_equal_torch(pairs, name):
     name, _, _, out = pairs(name)
-    # `surgeon check`: the reference is rebuilt from the shipped .onnx_adapter files on the same seeded base
+    # `surgeon check`: the reference is the same seeded base + the PEFT-written adapter directories recorded at export
     base_dir = out.parent / "base"
     make_base(name).save_pretrained(base_dir)
     report = run_checks(out, reference=str(base_dir), atol=1e-4)
@@ -266,7 +267,7 @@ def test_cli_generate_onnx_and_torch_agree(tiny_export):
 ])
 def test_cli_generate_errors_are_one_line(tiny_export, args, needle):
     code, out = cli("generate", tiny_export / "onnx", "-p", "The wind", *args)
-    assert code == 1
+    assert code == 2
     assert needle in out and "Traceback" not in out
     assert out.strip().count("\n") == 0  # nothing echoed before the error: one line
 
@@ -275,9 +276,9 @@ def test_cli_generate_needs_kv_export(tiny_export, tmp_path):
     code, out = cli("export", "tiny-gpt2", tiny_export / "shiplog", "-o", tmp_path / "plain")
     assert code == 0, out
     code, out = cli("generate", tmp_path / "plain", "-p", "The wind")
-    assert code == 1 and "--kv-cache" in out
+    assert code == 2 and "--kv-cache" in out
 
 
 def test_cli_generate_torch_unknown_adapter_dir(tiny_export):
     code, out = cli("generate", "tiny-gpt2", "-a", tiny_export / "shiplgo", "-p", "The wind")
-    assert code == 1 and "no such adapter directory (did you mean shiplog?)" in out
+    assert code == 2 and "no such adapter directory (did you mean shiplog?)" in out

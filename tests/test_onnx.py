@@ -152,7 +152,10 @@ def _gpt2_export():
         root = tempfile.mkdtemp(prefix="surgeon-onnx-")
         base_dir = os.path.join(root, "base")
         model.get_base_model().save_pretrained(base_dir)
-        export_onnx(model, os.path.join(root, "export"), source=base_dir)
+        model.save_pretrained(os.path.join(root, "adapters"))  # default in adapters/, second in adapters/second/
+        export_onnx(model, os.path.join(root, "export"), source=base_dir,
+                    adapter_sources={"default": os.path.join(root, "adapters"),
+                                     "second": os.path.join(root, "adapters", "second")})
         _CACHE["gpt2"] = ("gpt2", model.eval(), __import__("pathlib").Path(root) / "export")
     return _CACHE["gpt2"]
 
@@ -256,12 +259,12 @@ def test_export_command_and_existing_out(gpt2_dirs, tmp_path):
     assert (tmp_path / "e" / "adapters" / "tuned.onnx_adapter").is_file()
     assert _cli("check", tmp_path / "e").returncode == 0
     again = _cli("export", gpt2_dirs / "base", gpt2_dirs / "tuned", "-o", tmp_path / "e")
-    assert again.returncode == 1 and "--force" in again.stderr
+    assert again.returncode == 2 and "--force" in again.stderr
 
 
 def test_export_adapter_for_another_base(gpt2_dirs, tmp_path):
     result = _cli("export", gpt2_dirs / "base", gpt2_dirs / "llama-adapter", "-o", tmp_path / "e")
-    assert result.returncode == 1 and "q_proj" in result.stderr and "Traceback" not in result.stderr
+    assert result.returncode == 2 and "q_proj" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "e").exists()
 
 

@@ -216,7 +216,8 @@ def test_onnx_export_keeps_the_packed_weights_and_float_adapters(llama64, tmp_pa
 
     model = surgeon.get_peft_model(load_quantized(llama64, bits=bits),
                                    surgeon.LoraConfig(r=4, target_modules=TARGETS["llama"], init_lora_weights=False)).eval()
-    out = surgeon.export_onnx(model, tmp_path / "onnx", source=str(llama64))
+    model.save_pretrained(tmp_path / "adapter")
+    out = surgeon.export_onnx(model, tmp_path / "onnx", source=str(llama64), adapter_sources={"default": tmp_path / "adapter"})
     assert any(isinstance(m, QuantLinear) for m in model.base.modules())  # the torch model is left quantized
     ops = [n.op_type for n in onnx.load(str(out / "model.onnx")).graph.node]
     quantized = sum(isinstance(m, QuantLinear) for m in model.base.modules())

@@ -19,11 +19,13 @@ import torch
 from torch import nn
 from torch.export import Dim
 
-from surgeon.adapters import onnx_input_names
-from surgeon.checkpoint import copy_tokenizer_files, write_dir_atomically
+from surgeon.adapters import check_name, onnx_input_names
+from surgeon.checkpoint import copy_tokenizer_files
+from surgeon.outputs import write_dir_atomically
 from surgeon.errors import AdapterError
 from surgeon.layers import LoraLayer
 from surgeon.passes.fold import fold
+from surgeon.onnx.runtime import file_digest
 from surgeon.passes.inputs import InputFeed, LoraInput, adapter_tensors, lora_as_inputs
 
 MANIFEST = "manifest.json"
@@ -83,6 +85,7 @@ def export_onnx(model, out_dir: str | os.PathLike, adapters: list[str] | None = 
     names = list(adapters or model.peft_config)
     for name in names:
         model._known(name)
+        check_name((adapter_names or {}).get(name, name), "adapter name (its .onnx_adapter file name)")
     from surgeon.quant import QuantizationError, dequantized_view, quant_bits
 
     bits = quant_bits(model.base)
@@ -128,7 +131,7 @@ def export_onnx(model, out_dir: str | os.PathLike, adapters: list[str] | None = 
             quantized = quantize_onnx_matmuls(tmp / MODEL_FILE, _quantize)
         written = {} if merged else write_adapters(model, names, loras, tmp / ADAPTER_DIR, adapter_names or {})
         copied = copy_tokenizer_files(source_dir(source), tmp) if source_dir(source) else []
-        sources = {k: str(Path(v).resolve()) for k, v in (adapter_sources or {}).items()}
+        sources = {(adapter_names or {}).get(k, k): str(Path(v).resolve()) for k, v in (adapter_sources or {}).items()}
         extra = {"merged_source": sources.get(names[0])} if merged else {"adapter_sources": sources}
         if layout is not None:
             extra["generation"] = generation_facts(model, layout)
@@ -137,7 +140,8 @@ def export_onnx(model, out_dir: str | os.PathLike, adapters: list[str] | None = 
         write_manifest(tmp, model, loras, written, merged=names[0] if merged else None, source=source,
                        tokenizer=bool(copied), kv_cache=layout is not None, extra=extra)
 
-    return write_dir_atomically(out_dir, fill, force=force)
+    inputs = [source_dir(source), *(adapter_sources or {}).values()]
+    return write_dir_atomically(out_dir, fill, force=force, inputs=inputs)
 
 
 def source_dir(source: str | None) -> Path | None:
@@ -332,5 +336,7 @@ def write_manifest(directory: Path, model, loras, adapters: dict, *, merged: str
         "kv_cache": kv_cache,
         "tokenizer": tokenizer,
         **(extra or {}),
+        "files": {p.relative_to(directory).as_posix(): file_digest(p) for p in sorted(directory.rglob("*"))
+                  if p.is_file() and p.name != MANIFEST},
     }
     (directory / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")

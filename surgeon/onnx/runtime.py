@@ -8,7 +8,9 @@ with different adapters may run concurrently from several threads.
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import json
+import os
 import threading
 from pathlib import Path
 from typing import Any
@@ -16,7 +18,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from surgeon.errors import AdapterError, AdapterFileError, did_you_mean
+from surgeon.errors import AdapterError, AdapterFileError, ExportFileError, did_you_mean
 
 MANIFEST = "manifest.json"  # the same names surgeon.onnx.export writes (kept here so torch stays out)
 ORT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
@@ -40,13 +42,92 @@ def default_providers() -> list[str]:
 
 
 def read_manifest(out_dir: str | Path) -> dict:
-    path = Path(out_dir) / MANIFEST
+    """``manifest.json`` of an export, checked: valid UTF-8 JSON, the fields surgeon reads, paths inside the export."""
+    out_dir = Path(out_dir)
+    if not out_dir.is_dir():
+        raise AdapterFileError(f"{out_dir}: no such export directory (one holding {MANIFEST}, written by `surgeon export`)")
+    path = out_dir / MANIFEST
     if not path.is_file():
         raise AdapterFileError(f"{out_dir}: no {MANIFEST}; is this a `surgeon export` directory?")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise AdapterFileError(f"{path}: not valid JSON ({err})") from None
+        manifest = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as err:
+        raise ExportFileError(f"{path}: not UTF-8 ({err.reason} at byte {err.start}); re-export") from None
+    except (ValueError, RecursionError) as err:  # JSONDecodeError, 4300-digit ints, nesting too deep
+        reason = "nested too deeply" if isinstance(err, RecursionError) else str(err)
+        raise ExportFileError(f"{path}: not valid JSON ({reason}); re-export") from None
+    check_manifest(manifest, out_dir)
+    return manifest
+
+
+def _field(manifest: dict, name: str, kind: type, where: str, required: bool = True):
+    if name not in manifest:
+        if required:
+            raise ExportFileError(f"{where}: field {name!r} is missing; re-export with `surgeon export`")
+        return None
+    value = manifest[name]
+    if not isinstance(value, kind):
+        raise ExportFileError(f"{where}: field {name!r} must be {kind.__name__}, got {type(value).__name__}; re-export")
+    return value
+
+
+def check_manifest(manifest: object, out_dir: Path) -> None:
+    """The fields readers use have their types, and every path it names resolves inside ``out_dir``."""
+    where = str(out_dir / MANIFEST)
+    if not isinstance(manifest, dict):
+        raise ExportFileError(f"{where}: must hold a JSON object, got {type(manifest).__name__}; re-export")
+    export_path(out_dir, _field(manifest, "model", str, where), f"{where}: 'model'")
+    for name, entry in (_field(manifest, "adapters", dict, where, required=False) or {}).items():
+        if not isinstance(entry, dict) or not isinstance(entry.get("file"), str):
+            raise ExportFileError(f"{where}: adapters[{name!r}] needs a 'file' string; re-export")
+        export_path(out_dir, entry["file"], f"{where}: adapters[{name!r}].file")
+    for i, entry in enumerate(_field(manifest, "lora_inputs", list, where, required=False) or []):
+        if not (isinstance(entry, dict) and all(isinstance(entry.get(k), str) for k in ("path", "a", "b"))
+                and all(isinstance(entry.get(k), int) and entry[k] > 0 for k in ("in", "out"))):
+            raise ExportFileError(f"{where}: lora_inputs[{i}] needs path/a/b names and positive in/out sizes; re-export")
+    for rel in _field(manifest, "files", dict, where, required=False) or {}:
+        export_path(out_dir, rel, f"{where}: files[{rel!r}]")
+    _field(manifest, "source", dict, where, required=False)
+    if manifest.get("kv_cache"):
+        facts = _field(manifest, "generation", dict, where)
+        layers = facts.get("layers")
+        if not isinstance(layers, int) or layers <= 0 or not all(
+                isinstance(facts.get(k), list) and len(facts[k]) == layers for k in ("kv_heads", "key_dim", "value_dim")):
+            raise ExportFileError(f"{where}: generation needs 'layers' and per-layer kv_heads/key_dim/value_dim; re-export")
+
+
+def export_path(out_dir: Path, rel: object, field: str) -> Path:
+    """``out_dir / rel`` when ``rel`` is a relative path that stays inside ``out_dir``; otherwise an error."""
+    if not isinstance(rel, str) or not rel or "\x00" in rel:
+        raise ExportFileError(f"{field}: {rel!r} is not a file name")
+    if Path(rel).is_absolute():
+        raise ExportFileError(f"{field}: {rel!r} is an absolute path; an export names its files relative to itself")
+    root = Path(os.path.realpath(out_dir))
+    target = Path(os.path.realpath(root / rel))
+    if not target.is_relative_to(root) or target == root:
+        raise ExportFileError(f"{field}: {rel!r} resolves outside the export ({target}); an export only reads "
+                              "files inside its own directory")
+    return out_dir / rel
+
+
+def file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def changed_files(out_dir: Path, manifest: dict) -> list[str]:
+    """Each file the manifest lists whose sha256 differs or that is missing, as ``'name (why)'``."""
+    problems = []
+    for rel, want in sorted((manifest.get("files") or {}).items()):
+        path = export_path(out_dir, rel, f"{out_dir / MANIFEST}: files[{rel!r}]")
+        if not path.is_file():
+            problems.append(f"{rel} (missing)")
+        elif file_digest(path) != want:
+            problems.append(f"{rel} (changed since export: sha256 differs)")
+    return problems
 
 
 class AdapterSession:
@@ -61,8 +142,14 @@ class AdapterSession:
             options.intra_op_num_threads = intra_op_threads
         self.providers = providers or default_providers()
         disabled = (self.manifest.get("quantization") or {}).get("disabled_optimizers") or []
-        self.session = ort.InferenceSession(str(self.dir / self.manifest["model"]), options, providers=self.providers,
-                                            **({"disabled_optimizers": disabled} if disabled else {}))
+        model_path = export_path(self.dir, self.manifest["model"], "model")
+        try:
+            self.session = ort.InferenceSession(str(model_path), options, providers=self.providers,
+                                                **({"disabled_optimizers": disabled} if disabled else {}))
+        except Exception as err:  # onnxruntime's own error types: a truncated, replaced or invalid model file
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise ExportFileError(f"{model_path}: ONNX Runtime cannot load it ({first}); the file is damaged or not "
+                                  "this export's model: re-export") from None
         # Adapter inputs carry rank-0 default initializers, so ORT lists them as overridable initializers.
         overridable = list(self.session.get_overridable_initializers()) + list(self.session.get_inputs())
         self.lora_inputs = {i.name: i for i in overridable if i.name.endswith((".lora_A.weight", ".lora_B.weight"))}
@@ -93,7 +180,7 @@ class AdapterSession:
             if entry is None:
                 raise AdapterError(f"no adapter named {name!r}{did_you_mean(name, self.adapters)}; "
                                    f"adapters in {self.dir}: {', '.join(self.adapters) or 'none'}")
-            path = self.dir / entry["file"]
+            path = export_path(self.dir, entry["file"], f"adapters[{name!r}].file")
         if not path.is_file():
             raise AdapterFileError(f"{path}: missing adapter file")
         try:
@@ -119,6 +206,22 @@ class AdapterSession:
                 wrong.append(f"{key}: {have} vs model {np.dtype(want)}")
         if wrong:
             raise AdapterError(f"{path}: dtype mismatch: {'; '.join(wrong[:5])}; re-export the adapter for this model")
+        bad, ranks = [], {}
+        for key, value in params.items():
+            shape = tuple(value.numpy().shape)
+            want = self.lora_inputs[key].shape
+            fixed = [(i, d) for i, d in enumerate(want) if isinstance(d, int)]
+            if len(shape) != len(want) or any(shape[i] != d for i, d in fixed):
+                bad.append(f"{key}: {list(shape)} vs model {list(want)}")
+                continue
+            module, part = key.rsplit(".lora_", 1)
+            ranks.setdefault(module, {})[part] = shape[1] if part.startswith("A") else shape[0]
+        bad += [f"{m}: rank {r.get('A.weight')} in lora_A but {r.get('B.weight')} in lora_B"
+                for m, r in sorted(ranks.items()) if len(r) == 2 and len(set(r.values())) > 1]
+        bad += [f"{m}: only lora_{next(iter(r))} is there" for m, r in sorted(ranks.items()) if len(r) == 1]
+        if bad:
+            raise AdapterError(f"{path}: {len(bad)} tensors do not fit the model's adapter inputs: {'; '.join(bad[:5])}; "
+                               "the adapter is for another model or was altered: re-export it")
 
     def run(self, feeds: dict[str, np.ndarray], adapter: str | None = None,
             output_names: list[str] | None = None) -> dict[str, np.ndarray]:
@@ -151,14 +254,23 @@ class AdapterSession:
         ``seed``. A row stops at an end-of-sequence token and is then filled with ``pad_token_id``. ``on_tokens``
         is called with each step's new tokens (``[batch]``), for streaming.
         """
+        from surgeon.sampling import check_sampling, check_token_ids
+
         facts = self.generation
-        ids = np.asarray(input_ids, dtype=np.int64)
+        check_sampling({"do_sample": do_sample, "temperature": temperature, "top_k": top_k, "top_p": top_p,
+                        "max_new_tokens": max_new_tokens}, "AdapterSession.generate")
+        ids = np.asarray(input_ids)
         if ids.ndim == 1:
             ids = ids[None, :]
-        mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask, dtype=np.int64).reshape(ids.shape)
+        check_token_ids(ids, facts.get("vocab_size"), "AdapterSession.generate")
+        if ids.ndim != 2:
+            raise AdapterError(f"AdapterSession.generate: input_ids must be [batch, sequence], got shape {list(ids.shape)}")
+        ids = ids.astype(np.int64)
+        mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask, dtype=np.int64)
+        if mask.shape != ids.shape:
+            raise AdapterError(f"AdapterSession.generate: attention_mask shape {list(mask.shape)} differs from "
+                               f"input_ids {list(ids.shape)}")
         batch, prompt = ids.shape
-        if prompt == 0:
-            raise AdapterError("generate needs at least one prompt token")
         context = facts.get("context_length")
         if context and prompt + max_new_tokens > context:
             raise AdapterError(f"prompt of {prompt} tokens + max_new_tokens {max_new_tokens} exceeds the model's context "
@@ -206,9 +318,7 @@ def pick_tokens(logits: np.ndarray, rng: np.random.Generator, do_sample: bool, t
     """Greedy argmax, or a sample after temperature, top-k and top-p (nucleus) filtering, in that order."""
     if not do_sample:
         return logits.argmax(axis=-1)
-    if temperature <= 0:
-        raise AdapterError(f"temperature must be > 0 when sampling, got {temperature}")
-    x = logits / temperature
+    x = logits / temperature  # the settings were checked by surgeon.sampling.check_sampling
     if top_k and top_k < x.shape[-1]:
         kth = np.partition(x, -top_k, axis=-1)[:, -top_k][:, None]
         x = np.where(x < kth, -np.inf, x)
@@ -218,6 +328,7 @@ def pick_tokens(logits: np.ndarray, rng: np.random.Generator, do_sample: bool, t
         probs = softmax(sorted_x)
         before = np.cumsum(probs, axis=-1) - probs  # mass of the tokens ranked above each one
         drop_sorted = before >= top_p  # as transformers: keep the smallest set reaching top_p
+        drop_sorted[:, 0] = False  # and at least the most likely token (top_p=0: that one alone)
         drop = np.zeros_like(drop_sorted)
         np.put_along_axis(drop, order, drop_sorted, axis=-1)
         x = np.where(drop, -np.inf, x)
