@@ -86,6 +86,10 @@ def run_checks(out_dir: str | Path, reference: str | None = None, atol: float = 
     if unknown:
         raise ExportFileError(f"--adapter {unknown[0]}=...: the export has no adapter named {unknown[0]!r}"
                               f"{did_you_mean(unknown[0], manifest.get('adapters') or {})}")
+    for name, directory in sorted((adapters or {}).items()):
+        if not Path(directory).is_dir():
+            raise ExportFileError(f"--adapter {name}={directory}: no such directory; give the PEFT adapter directory "
+                                  f"{name!r} was exported from")
     _files(out_dir, manifest, report)
     if not _structure(out_dir, manifest, report):
         return report

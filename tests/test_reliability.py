@@ -215,6 +215,7 @@ def test_check_usage_errors_exit_2(world, tmp_path):
     refused(*cli("check", tmp_path / "nowhere"), "no such export directory")
     refused(*cli("check", world / "export", "--adapter", "tuned"), "NAME=PEFT_DIR")
     refused(*cli("check", world / "export", "--adapter", "tunned=x"), "did you mean 'tuned'")
+    refused(*cli("check", world / "export", "--adapter", f"tuned={tmp_path / 'gone'}"), "no such directory")
     refused(*cli("check", world / "export", "--atol", "nan"), "finite number")
 
 
