@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from surgeon.config import LoraConfig
+from surgeon.jsonfile import read_json
 from surgeon.outputs import atomic_write_bytes
 
 CONFIG_NAME = "adapter_config.json"
@@ -132,13 +133,7 @@ def read_adapter_dir(directory: str | os.PathLike) -> tuple[LoraConfig, dict[str
     config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
     if not config_path.is_file():
         raise AdapterFileError(f"{config_path}: missing; an adapter directory holds {CONFIG_NAME} and {WEIGHTS_NAME}")
-    try:
-        data = json.loads(config_path.read_bytes().decode("utf-8"))
-    except UnicodeDecodeError as err:
-        raise AdapterFileError(f"{config_path}: not UTF-8 ({err.reason} at byte {err.start})") from None
-    except (ValueError, RecursionError) as err:  # JSONDecodeError, an int of over 4300 digits, nesting too deep
-        reason = "nested too deeply" if isinstance(err, RecursionError) else str(err)
-        raise AdapterFileError(f"{config_path}: not valid JSON ({reason})") from None
+    data = read_json(config_path, AdapterFileError)
     if not isinstance(data, dict) or "peft_type" not in data:
         raise AdapterFileError(f"{config_path}: no 'peft_type' field; is this a PEFT adapter_config.json?")
     try:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 from surgeon.errors import OutputError, SurgeonError  # noqa: F401 (OutputError: re-exported)

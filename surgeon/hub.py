@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from torch import nn
 
 from surgeon.errors import ModelFileError, ModelNotFoundError, did_you_mean
+from surgeon.jsonfile import read_json
 
 ASSETS = Path(__file__).parent / "assets"
 BUILTIN = {"tiny-gpt2": ASSETS / "tiny-gpt2"}
@@ -35,13 +35,7 @@ def model_dir(name: str) -> Path:
 def read_model_config(path: Path) -> dict:
     """``config.json`` of a model directory as a dict, or an error naming the file."""
     config_path = path / "config.json"
-    try:
-        config = json.loads(config_path.read_bytes().decode("utf-8"))
-    except UnicodeDecodeError as err:
-        raise ModelFileError(f"{config_path}: not UTF-8 ({err.reason} at byte {err.start})") from None
-    except (ValueError, RecursionError) as err:
-        reason = "nested too deeply" if isinstance(err, RecursionError) else str(err)
-        raise ModelFileError(f"{config_path}: not valid JSON ({reason}); restore it from the model's source") from None
+    config = read_json(config_path, ModelFileError, "restore it from the model's source")
     if not isinstance(config, dict):
         raise ModelFileError(f"{config_path}: must hold a JSON object, got {type(config).__name__}")
     archs = config.get("architectures")
@@ -60,10 +54,11 @@ def weight_files(path: Path) -> list[Path]:
                              "files if they were written into the model's directory by mistake")
     index = path / "model.safetensors.index.json"
     if index.is_file():
+        data = read_json(index, ModelFileError)
         try:
-            shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
-        except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as err:
-            raise ModelFileError(f"{index}: not a safetensors index ({type(err).__name__}: {err})") from None
+            shards = sorted(set(data["weight_map"].values()))
+        except (KeyError, TypeError, AttributeError) as err:
+            raise ModelFileError(f"{index}: not a safetensors index (no 'weight_map' of file names: {err})") from None
         files = [path / shard for shard in shards]
     elif (path / "model.safetensors").is_file():
         files = [path / "model.safetensors"]

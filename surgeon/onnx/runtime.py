@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
-import json
 import os
 import threading
 from pathlib import Path
@@ -19,6 +18,7 @@ import numpy as np
 import onnxruntime as ort
 
 from surgeon.errors import AdapterError, AdapterFileError, ExportFileError, did_you_mean
+from surgeon.jsonfile import read_json
 
 MANIFEST = "manifest.json"  # the same names surgeon.onnx.export writes (kept here so torch stays out)
 ORT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
@@ -49,13 +49,7 @@ def read_manifest(out_dir: str | Path) -> dict:
     path = out_dir / MANIFEST
     if not path.is_file():
         raise AdapterFileError(f"{out_dir}: no {MANIFEST}; is this a `surgeon export` directory?")
-    try:
-        manifest = json.loads(path.read_bytes().decode("utf-8"))
-    except UnicodeDecodeError as err:
-        raise ExportFileError(f"{path}: not UTF-8 ({err.reason} at byte {err.start}); re-export") from None
-    except (ValueError, RecursionError) as err:  # JSONDecodeError, 4300-digit ints, nesting too deep
-        reason = "nested too deeply" if isinstance(err, RecursionError) else str(err)
-        raise ExportFileError(f"{path}: not valid JSON ({reason}); re-export") from None
+    manifest = read_json(path, ExportFileError, "re-export")
     check_manifest(manifest, out_dir)
     return manifest
 
