@@ -28,7 +28,7 @@ LOCK = ROOT / "requirements.lock"
 TORCH = "torch==2.13.0"  # the CPU build this machine's pip finds on disk; held in every environment
 
 # The quick parity subset (GPT-2 and Llama): generation, fold, ONNX export + check, QLoRA, PEFT files both ways,
-# and the argument checks that caught the last drift.
+# the argument checks that caught the last drift, and the gate: check failing broken exports, one-line exit codes.
 CANARY_TESTS = [
     "tests/test_arguments.py",
     "tests/test_generation.py::test_greedy_equals_peft_token_for_token",
@@ -44,6 +44,9 @@ CANARY_TESTS = [
     "tests/test_adapters.py::test_peft_file_loads_with_equal_logits",
     "tests/test_adapters.py::test_our_file_loads_in_peft_with_equal_logits",
     "tests/test_peft_parity.py::test_plain_loop_loss_curve_equals_peft",
+    "tests/test_reliability.py::test_an_altered_adapter_file_fails",
+    "tests/test_reliability.py::test_check_command_broken_exports_exit_1_with_json",
+    "tests/test_reliability.py::test_bad_numbers_are_one_line_exit_2",
 ]
 CANARY_FILTER = "not (qwen2 or opt or phi3 or bert or t5)"
 
