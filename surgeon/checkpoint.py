@@ -163,5 +163,7 @@ def fold_onnx(model: str, adapter_dirs: Sequence[str], out: str | os.PathLike, *
     check_out(out, [model_dir(model), *adapter_dirs], force=force)
     peft_model, name = load_with_adapters(model, adapter_dirs, weights)
     sources = {name: adapter_dirs[0]} if name == "a0" else None
+    recipe = None if name == "a0" else {"adapters": [str(Path(d).resolve()) for d in adapter_dirs],
+                                        "weights": [float(w) for w in (weights or [1.0] * len(adapter_dirs))]}
     return export_onnx(peft_model, out, [name], merged=True, force=force, source=source or model, adapter_sources=sources,
-                       kv_cache=kv_cache)
+                       kv_cache=kv_cache, _merge_recipe=recipe)

@@ -169,6 +169,9 @@ def _numbers(manifest: dict, session: AdapterSession, reference: str | None, rep
         return
     merged = manifest.get("merged_adapter")
     usable = {n: d for n, d in sources.items() if d and Path(d).is_dir()}
+    recipe = manifest.get("merge_recipe")
+    if merged and merged not in usable and _recipe_ok(recipe):
+        usable[merged] = recipe  # a weighted merge: rebuilt from its adapters and weights
     for name in sorted(set(sources) - set(usable)):
         why = f"its source {sources[name]} is not a directory here" if sources[name] else "no source directory recorded"
         report.add(f"{'merged' if merged else 'adapter'}[{name}]_vs_torch", None,
@@ -213,6 +216,13 @@ def _numbers(manifest: dict, session: AdapterSession, reference: str | None, rep
             report.add(f"{label}_decode_vs_torch", step_worst <= tol,
                        f"one decode step on the KV cache: max |ORT - torch| = {step_worst:.3g} ({how})",
                        _finite_or_none(step_worst))
+
+
+def _recipe_ok(recipe) -> bool:
+    return (isinstance(recipe, dict) and isinstance(recipe.get("adapters"), list) and isinstance(recipe.get("weights"), list)
+            and len(recipe["adapters"]) == len(recipe["weights"]) > 0
+            and all(isinstance(d, str) and Path(d).is_dir() for d in recipe["adapters"])
+            and all(isinstance(w, (int, float)) and math.isfinite(w) for w in recipe["weights"]))
 
 
 def _finite_or_none(x: float) -> float | None:
@@ -271,6 +281,15 @@ def _reference_model(reference: str, manifest: dict, sources: dict[str, str]):
         base = load_quantized(reference, bits=quantized["bits"], task=task)
     else:
         base = load_model(reference, task=task)
+    merged = manifest.get("merged_adapter")
+    if merged and isinstance(sources.get(merged), dict):  # the weighted merge fold wrote, made again from its recipe
+        recipe = sources[merged]
+        model = SurgeonModel.from_pretrained(base, recipe["adapters"][0], adapter_name="a0")
+        for i, directory in enumerate(recipe["adapters"][1:], start=1):
+            model.load_adapter(directory, adapter_name=f"a{i}")
+        model.add_weighted_adapter([f"a{i}" for i in range(len(recipe["adapters"]))], recipe["weights"], merged)
+        model.set_adapter(merged)
+        return model.eval()
     model = None
     for name, directory in sorted(sources.items()):
         if model is None:

@@ -252,6 +252,25 @@ def test_disk_full_mid_write_leaves_nothing(base_and_adapter, tmp_path):
     assert not out.exists() and list((tmp_path / "outdir").iterdir()) == []
 
 
+def test_weighted_onnx_fold_is_checked_against_its_recipe(base_and_adapter, tmp_path):
+    """Several adapters folded with weights: check rebuilds the same weighted merge from the recorded recipe."""
+    import json
+
+    from surgeon.checkpoint import fold_onnx
+    from surgeon.checks import run_checks
+
+    root = base_and_adapter
+    lora_model("gpt2", r=2, target_modules=["c_fc"]).save_pretrained(tmp_path / "second")
+    out = fold_onnx(str(root / "base"), [str(root / "adapter"), str(tmp_path / "second")], tmp_path / "onnx",
+                    weights=[0.7, 0.3])
+    report = run_checks(out, strict=True)
+    assert report.passed and "merged[merged]_vs_torch" in {c.name for c in report.checks}, report.text()
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["merge_recipe"]["weights"] = [0.7, 0.6]  # a recipe other than what was folded
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    assert not run_checks(out).passed
+
+
 def test_fold_command_onnx_format(base_and_adapter, tmp_path):
     root = base_and_adapter
     result = _cli("fold", root / "base", root / "adapter", "--format", "onnx", "-o", tmp_path / "onnx")

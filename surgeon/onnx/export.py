@@ -77,7 +77,7 @@ def present_names(layers: int) -> list[str]:
 def export_onnx(model, out_dir: str | os.PathLike, adapters: list[str] | None = None, *, merged: bool = False,
                 force: bool = False, source: str | None = None, opset: int | None = None,
                 adapter_names: dict[str, str] | None = None, adapter_sources: dict[str, str] | None = None,
-                kv_cache: bool = False, _quantize: dict | None = None) -> Path:
+                kv_cache: bool = False, _quantize: dict | None = None, _merge_recipe: dict | None = None) -> Path:
     """Write ``out_dir`` for a ``SurgeonModel``: switchable adapters, or ``merged=True`` for one folded adapter.
 
     ``kv_cache=True`` exports the decoder with the KV cache as inputs and outputs (prefill and decode in one model).
@@ -133,6 +133,8 @@ def export_onnx(model, out_dir: str | os.PathLike, adapters: list[str] | None = 
         copied = copy_tokenizer_files(source_dir(source), tmp) if source_dir(source) else []
         sources = {(adapter_names or {}).get(k, k): str(Path(v).resolve()) for k, v in (adapter_sources or {}).items()}
         extra = {"merged_source": sources.get(names[0])} if merged else {"adapter_sources": sources}
+        if _merge_recipe:  # a weighted merge of several adapters (fold): what check rebuilds the reference from
+            extra["merge_recipe"] = _merge_recipe
         if layout is not None:
             extra["generation"] = generation_facts(model, layout)
         if quantized:
