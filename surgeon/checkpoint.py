@@ -32,7 +32,6 @@ def load_with_adapters(model: str, adapter_dirs: Sequence[str], weights: Sequenc
     """``(SurgeonModel, name)``: the base with each adapter, and the one to fold (a weighted sum when several)."""
     from surgeon.adapters import read_adapter_dir
     from surgeon.hub import load_model
-    from surgeon.model import SurgeonModel
 
     if not adapter_dirs:
         raise SurgeonError("fold needs at least one adapter directory")
@@ -47,6 +46,15 @@ def load_with_adapters(model: str, adapter_dirs: Sequence[str], weights: Sequenc
         base = load_quantized(model, bits=bits, task=task)
     else:
         base = load_model(model, task=task)
+    return with_adapters(base, adapter_dirs, weights)
+
+
+def with_adapters(base, adapter_dirs: Sequence[str], weights: Sequence[float]):
+    """``(SurgeonModel, name)`` on ``base``: adapters ``a0``, ``a1``, ... and, when several or weighted, their exact
+    weighted sum ``merged``, active. What fold writes and what check rebuilds from a fold's recipe."""
+    from surgeon.model import SurgeonModel
+
+    weights = list(weights)
     peft_model = SurgeonModel.from_pretrained(base, adapter_dirs[0], adapter_name="a0")
     for i, d in enumerate(adapter_dirs[1:], start=1):
         peft_model.load_adapter(d, adapter_name=f"a{i}")
@@ -71,7 +79,9 @@ def fold_checkpoint(model: str, adapter_dirs: Sequence[str], out: str | os.PathL
     import torch
 
     from surgeon.hub import model_dir
+    from surgeon.outputs import check_out
 
+    check_out(out, [model_dir(model), *adapter_dirs], force=force)  # before the minutes of loading and merging
     peft_model, _ = load_with_adapters(model, adapter_dirs, weights, bits=bits)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the dequantize warning: here it is what was asked for

@@ -283,12 +283,11 @@ def _reference_model(reference: str, manifest: dict, sources: dict[str, str]):
         base = load_model(reference, task=task)
     merged = manifest.get("merged_adapter")
     if merged and isinstance(sources.get(merged), dict):  # the weighted merge fold wrote, made again from its recipe
-        recipe = sources[merged]
-        model = SurgeonModel.from_pretrained(base, recipe["adapters"][0], adapter_name="a0")
-        for i, directory in enumerate(recipe["adapters"][1:], start=1):
-            model.load_adapter(directory, adapter_name=f"a{i}")
-        model.add_weighted_adapter([f"a{i}" for i in range(len(recipe["adapters"]))], recipe["weights"], merged)
-        model.set_adapter(merged)
+        from surgeon.checkpoint import with_adapters
+
+        model, name = with_adapters(base, sources[merged]["adapters"], sources[merged]["weights"])
+        if name != merged:
+            raise ExportFileError(f"merge_recipe rebuilds adapter {name!r}, but the export folded {merged!r}")
         return model.eval()
     model = None
     for name, directory in sorted(sources.items()):

@@ -67,8 +67,7 @@ def _show_notices():
         else:
             shown(message, category, *args, **kwargs)
 
-    warnings.showwarning = show
-    warnings.filterwarnings("always", category=SurgeonNotice)
+    warnings.showwarning = show  # the filter that lets notices through is set in _quiet, after its UserWarning ignore
     return shown
 
 
@@ -200,16 +199,13 @@ def _check_adapter_out(output: str, inputs: list, force: bool) -> None:
     from surgeon.outputs import check_out
 
     refuse_model_dir(Path(output))
-    empty = Path(output).is_dir() and not any(Path(output).iterdir())  # an empty directory is as good as none
-    check_out(output, inputs, force=force or empty)
+    check_out(output, inputs, force=force)
 
 
 def _write_adapter(peft_model, output: str, inputs: list, force: bool) -> None:
     from surgeon.outputs import write_dir_atomically
 
-    out = Path(output)
-    empty = out.is_dir() and not any(out.iterdir())
-    write_dir_atomically(out, peft_model.save_pretrained, force=force or empty, inputs=inputs)
+    write_dir_atomically(output, peft_model.save_pretrained, force=force, inputs=inputs)
 
 
 def _base_name(model: str) -> str:
@@ -318,7 +314,6 @@ def fold(model, adapter_dirs, output, weights, dtype, fmt, kv_cache, bits, requa
     """Fold ADAPTER_DIRS into MODEL's weights and write a checkpoint AutoModel*.from_pretrained loads."""
     _quiet()
     from surgeon.checkpoint import fold_checkpoint, fold_onnx
-    from surgeon.outputs import check_out
 
     try:
         parsed = [float(w) for w in weights.split(",")] if weights else None
@@ -326,14 +321,12 @@ def fold(model, adapter_dirs, output, weights, dtype, fmt, kv_cache, bits, requa
         parsed = [math.nan]
     if parsed is not None and not all(math.isfinite(w) for w in parsed):
         raise click.BadParameter(f"--weights {weights!r}: give finite numbers separated by commas, e.g. 0.7,0.3")
-    inputs = [_input_dir(model), *adapter_dirs]
     if fmt == "onnx":
         if bits:
             raise click.BadParameter("--bits with --format onnx is not supported yet; fold to a float checkpoint "
                                      "first (surgeon fold MODEL ADAPTER --bits N -o MERGED), then export MERGED")
         if dtype:
             raise click.BadParameter("--dtype applies to --format hf; ONNX exports are fp32")
-        check_out(output, inputs, force=force)
         out = fold_onnx(model, adapter_dirs, output, weights=parsed, force=force, source=_base_name(model),
                         kv_cache=kv_cache)
         click.echo(f"wrote merged ONNX model to {out}")
@@ -348,7 +341,6 @@ def fold(model, adapter_dirs, output, weights, dtype, fmt, kv_cache, bits, requa
                    f"mean {report['mean_relative_error']:.4f}, max {report['max_relative_error']:.4f} "
                    f"({report['worst_layer']}); the float merge is exact, this is what quantizing it again costs")
 
-    check_out(output, inputs, force=force)
     out = fold_checkpoint(model, adapter_dirs, output, weights=parsed, force=force, dtype=dtype,
                           bits=int(bits) if bits else None, requantize=requantize, on_report=show)
     click.echo(f"wrote merged checkpoint to {out}")
@@ -448,21 +440,6 @@ def _adapter_pairs(values) -> dict[str, str]:
     return pairs
 
 
-def _json_target(json_path: str | None) -> Path | None:
-    """Where ``--json`` goes, refused before any check runs when it cannot be written."""
-    if not json_path:
-        return None
-    path = Path(json_path)
-    for parent in path.parents:
-        if parent.exists():
-            if not parent.is_dir() or not os.access(parent, os.W_OK):
-                raise click.BadParameter(f"{json_path}: cannot write there ({parent} is "
-                                         f"{'not a directory' if not parent.is_dir() else 'not writable'})",
-                                         param_hint="--json")
-            break
-    return path
-
-
 @main.command()
 @click.argument("out_dir", type=click.Path())
 @click.option("--reference", help="Torch model to compare with (default: the source named in the manifest).")
@@ -476,9 +453,9 @@ def check(out_dir, reference, adapter_sources, strict, json_path, atol):
     """Check an export for CI: exit 0 pass, 1 a check failed, 2 bad invocation (not an export, bad options)."""
     _quiet()
     from surgeon.checks import run_checks
-    from surgeon.outputs import atomic_write_bytes
+    from surgeon.outputs import atomic_write_bytes, check_file_target
 
-    target = _json_target(json_path)
+    target = check_file_target(Path(json_path)) if json_path else None  # refused before any check runs
     report = run_checks(out_dir, reference=reference, atol=atol, adapters=_adapter_pairs(adapter_sources),
                         strict=strict)
     click.echo(report.text())

@@ -85,7 +85,10 @@ def sweep(out: Path) -> list[Path]:
         for stale in out.parent.glob(f".{out.name}{kind}*"):
             pid = stale.name[len(f".{out.name}{kind}"):].split("-", 1)[0]
             if pid.isdigit() and not _alive(int(pid)):
-                shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
+                if stale.is_dir():
+                    shutil.rmtree(stale, ignore_errors=True)
+                else:
+                    stale.unlink(missing_ok=True)
                 removed.append(stale)
     if removed:
         warnings.warn(f"removed {len(removed)} temporary director{'y' if len(removed) == 1 else 'ies'} left by an "
@@ -103,6 +106,7 @@ def check_out(out: str | os.PathLike, inputs: Iterable[str | os.PathLike | None]
     """OUT resolved; refused when it exists (unless ``force``), or is, contains, or (existing) lies inside an input."""
     out = _resolved(out)
     exists = os.path.lexists(out)
+    empty = exists and out.is_dir() and not any(out.iterdir())  # an empty directory is as good as none
     for given in inputs:
         if given is None:
             continue
@@ -116,7 +120,7 @@ def check_out(out: str | os.PathLike, inputs: Iterable[str | os.PathLike | None]
         if exists and out.is_relative_to(source):
             raise OutputError(f"{what} {out} lies inside the input {source}; replacing it would change that input: "
                               "choose an -o outside it")
-    if exists and not force:
+    if exists and not force and not empty:
         raise OutputError(f"{out}: exists already; choose another -o or pass --force to replace it")
     if exists and not out.is_dir():
         raise OutputError(f"{out}: exists and is not a directory; choose another -o")
@@ -171,14 +175,21 @@ def _replace(tmp: Path, out: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def check_file_target(path: Path) -> Path:
+    """``path`` when a file can be written there: its nearest existing parent is a writable directory."""
+    path = Path(path)
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir() or not os.access(parent, os.W_OK):
+                raise OutputError(f"{path}: cannot write there ({parent} is "
+                                  f"{'not a directory' if not parent.is_dir() else 'not writable'})")
+            break
+    return path
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write to a temporary file beside ``path`` and rename it into place (mode from the umask)."""
-    path = Path(path)
-    for parent in (path.parent, *path.parent.parents):
-        if parent.exists():
-            if not parent.is_dir():
-                raise OutputError(f"{path}: cannot write there: {parent} is a file, not a directory")
-            break
+    path = check_file_target(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}{_TMP}{os.getpid()}-")

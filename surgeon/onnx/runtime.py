@@ -202,7 +202,7 @@ class AdapterSession:
             raise AdapterError(f"{path}: dtype mismatch: {'; '.join(wrong[:5])}; re-export the adapter for this model")
         bad, ranks = [], {}
         for key, value in params.items():
-            shape = tuple(value.numpy().shape)
+            shape = tuple(value.shape())  # no copy of the data
             want = self.lora_inputs[key].shape
             fixed = [(i, d) for i, d in enumerate(want) if isinstance(d, int)]
             if len(shape) != len(want) or any(shape[i] != d for i, d in fixed):
