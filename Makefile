@@ -1,6 +1,8 @@
 # make demo:        fine-tune the embedded tiny GPT-2 on the bundled text, show the loss drop, export it to ONNX with
 #                   a KV cache and generate through ONNX Runtime with the trained adapter and without it.
 # make test:        the whole test suite, in .venv made from requirements.lock (the tested set).
+# make lint:        the import contracts (pyproject's [tool.importlinter]: stages import only those below them,
+#                   the ONNX Runtime side never imports torch).
 # make test-latest: canary: .venv-latest with the newest releases (upper bounds ignored), quick parity subset.
 # make test-floor:  canary: .venv-floor with every direct dependency at its pyproject floor, same subset.
 # make lock:        re-resolve the newest releases within pyproject's ranges and rewrite requirements.lock.
@@ -11,7 +13,7 @@ STAMP := $(VENV)/.installed-from-lock
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_VERBOSITY := error
 
-.PHONY: demo test test-latest test-floor lock venv bench clean
+.PHONY: demo test lint test-latest test-floor lock venv bench clean
 
 $(STAMP): requirements.lock pyproject.toml
 	rm -rf $(VENV)
@@ -34,6 +36,9 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest tests
+
+lint: $(STAMP)
+	$(VENV)/bin/lint-imports
 
 test-latest:
 	python3 tools/deps.py canary latest

@@ -23,7 +23,7 @@ import torch
 import surgeon
 from surgeon.hub import ASSETS, load_tokenizer
 from surgeon.onnx.export import export_onnx
-from surgeon.train import TrainSettings, token_blocks, train
+from surgeon.workflows.train import TrainSettings, token_blocks, train
 
 
 def main() -> None:

@@ -27,9 +27,13 @@ _LAZY = {
     "AutoPeftModel": "surgeon.auto", "AutoPeftModelForCausalLM": "surgeon.auto",
     "AutoPeftModelForSequenceClassification": "surgeon.auto",
     "export_onnx": "surgeon.onnx.export", "AdapterSession": "surgeon.onnx.runtime",
-    "run_checks": "surgeon.checks", "load_model": "surgeon.hub", "load_tokenizer": "surgeon.hub",
-    "capture_decoder": "surgeon.capturing", "GenerationError": "surgeon.generation",
+    "run_checks": "surgeon.workflows.checks", "load_model": "surgeon.hub", "load_tokenizer": "surgeon.hub",
+    "capture_decoder": "surgeon.capturing", "GenerationError": "surgeon.errors",
 }
+# Submodules reachable as attributes (``surgeon.checks.run_checks``), including where they used to live.
+_MODULES = {"layers": "surgeon.layers", "passes": "surgeon.passes", "onnx": "surgeon.onnx", "adapters": "surgeon.adapters",
+            "hub": "surgeon.hub", "model": "surgeon.model", "config": "surgeon.config", "names": "surgeon.names",
+            "quant": "surgeon.quant", "checks": "surgeon.workflows.checks", "generation": "surgeon.model.generate"}
 _ALIASES = {"PeftModel": "SurgeonModel"}  # PEFT's name: `PeftModel.from_pretrained(base, dir)` reads the same
 
 __all__ = sorted([*_LAZY, *_ALIASES, "AdapterError", "CaptureError", "ConfigError", "SurgeonError",
@@ -42,8 +46,8 @@ def __getattr__(name: str):
         value = getattr(importlib.import_module(_LAZY[target]), target)
         globals()[name] = value
         return value
-    if name in ("layers", "passes", "onnx", "adapters", "hub", "checks", "model", "config", "generation"):
-        return importlib.import_module(f"surgeon.{name}")
+    if name in _MODULES:
+        return importlib.import_module(_MODULES[name])
     raise AttributeError(f"module 'surgeon' has no attribute {name!r}")
 
 

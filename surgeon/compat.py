@@ -15,11 +15,12 @@ import dataclasses
 import functools
 import inspect
 from collections.abc import Iterable, Mapping
-from typing import Any
-
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from surgeon.errors import UnknownArgumentError, did_you_mean
+
+if TYPE_CHECKING:  # annotations only: the argument checks below are used by torch-free modules (config)
+    from torch import nn
 
 NEW_CACHE_NAME = "cache"  # transformers >= 5.24
 OLD_CACHE_NAME = "past_key_values"  # transformers < 5.24 (accepted there with a deprecation warning after)
@@ -55,6 +56,12 @@ def cache_field(output_class: type) -> str:
         return OLD_CACHE_NAME
     raise UnknownArgumentError(f"{output_class.__name__} has no {NEW_CACHE_NAME!r} or {OLD_CACHE_NAME!r} field; "
                                "this transformers release is outside the range surgeon supports (see pyproject.toml)")
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """transformers' ``Conv1D`` (GPT-2's transposed linear, weight [in, out]), recognised by class name and field
+    so that no stage imports it to ask."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
 
 
 def params_of(fn) -> tuple[str, ...]:
@@ -108,7 +115,7 @@ def _forward_keywords(model_class: type) -> frozenset[str]:
     if NEW_CACHE_NAME in names:
         names.add(OLD_CACHE_NAME)  # transformers still renames it (with its own deprecation warning)
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        try:
+        try:  # deferred: where transformers keeps this name moves between releases
             from transformers.utils.generic import TransformersKwargs
 
             names |= set(getattr(TransformersKwargs, "__annotations__", {}))

@@ -11,10 +11,12 @@ import dataclasses
 import enum
 import json
 import math
+import re
 import warnings
 from collections.abc import Mapping
 from typing import Any
 
+from surgeon.compat import check_kwargs
 from surgeon.errors import ConfigError, did_you_mean
 
 
@@ -126,8 +128,6 @@ class LoraConfig:
 
     def replace(self, **changes: Any) -> LoraConfig:
         """A copy with ``changes`` applied (and validated)."""
-        from surgeon.compat import check_kwargs
-
         check_kwargs("LoraConfig.replace", changes, [f.name for f in dataclasses.fields(self)])
         return dataclasses.replace(self, **changes)
 
@@ -179,8 +179,6 @@ class LoraConfig:
 
 def _pattern_value(patterns: Mapping[str, Any], path: str, default: Any) -> Any:
     """PEFT's rule: the first pattern that equals ``path`` or matches a ``.``-suffix (or regex) wins."""
-    import re
-
     for pattern, value in patterns.items():
         if path == pattern or path.endswith("." + pattern) or re.fullmatch(rf"(.*\.)?{pattern}", path):
             return value
@@ -243,8 +241,6 @@ def _short(value) -> str:
 
 
 def _regex_problem(label: str, pattern: str):
-    import re
-
     try:
         re.compile(pattern)
     except (re.error, RecursionError, OverflowError) as err:

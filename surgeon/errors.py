@@ -77,6 +77,18 @@ class ModelFileError(ModelNotFoundError):
     """A model directory is there but a file in it (config.json, weights) is unreadable or not a model's."""
 
 
+class FoldError(SurgeonError, FloatingPointError):
+    """Folding an adapter into a weight produced NaN or Inf (the adapter is bad input: exit 2)."""
+
+
+class GenerationError(SurgeonError):
+    """The model or the call cannot be served by the decode graph."""
+
+
+class QuantizationError(SurgeonError):
+    """A quantized model or setting surgeon does not support."""
+
+
 class GenerationArgumentError(SurgeonError, ValueError):
     """A generation argument (sampling setting, token id, prompt) that cannot be honoured."""
 

@@ -2,28 +2,24 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
+import transformers
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
+from surgeon.bundled import ASSETS, BUILTIN  # noqa: F401 (ASSETS: where the examples find the bundled files)
 from surgeon.errors import ModelFileError, ModelNotFoundError, did_you_mean
 from surgeon.jsonfile import read_json
-
-ASSETS = Path(__file__).parent / "assets"
-BUILTIN = {"tiny-gpt2": ASSETS / "tiny-gpt2"}
-# What `surgeon train` adapts on a built-in model when no -t is given (attention and MLP: a clear effect).
-BUILTIN_TARGETS = {"tiny-gpt2": ("c_attn", "c_proj", "c_fc")}
-DEFAULT_MODEL = "tiny-gpt2"
-DEFAULT_DATA = ASSETS / "corpus" / "finetune.txt"
-DEFAULT_HELDOUT = ASSETS / "corpus" / "finetune_heldout.txt"
-
+from surgeon.names import CONFIG_NAME, MODEL_CONFIG, MODEL_INDEX, MODEL_WEIGHTS, TOKENIZER_FILES
 
 def model_dir(name: str) -> Path:
     """The directory for ``name``: a built-in name or an existing local directory with config.json."""
     if name in BUILTIN:
         return BUILTIN[name]
     path = Path(name)
-    if path.is_dir() and (path / "config.json").is_file():
+    if path.is_dir() and (path / MODEL_CONFIG).is_file():
         return path
     if path.is_dir():
         raise ModelNotFoundError(f"{name}: directory has no config.json; give a Hugging Face model directory "
@@ -34,7 +30,7 @@ def model_dir(name: str) -> Path:
 
 def read_model_config(path: Path) -> dict:
     """``config.json`` of a model directory as a dict, or an error naming the file."""
-    config_path = path / "config.json"
+    config_path = path / MODEL_CONFIG
     config = read_json(config_path, ModelFileError, "restore it from the model's source")
     if not isinstance(config, dict):
         raise ModelFileError(f"{config_path}: must hold a JSON object, got {type(config).__name__}")
@@ -46,13 +42,11 @@ def read_model_config(path: Path) -> dict:
 
 def weight_files(path: Path) -> list[Path]:
     """The safetensors files transformers would read, each checked to open (a truncated file is named)."""
-    from safetensors import SafetensorError, safe_open
-
-    if (path / "adapter_config.json").is_file():
+    if (path / CONFIG_NAME).is_file():
         raise ModelFileError(f"{path}: holds adapter_config.json: it is (or contains) a PEFT adapter, not a base model; "
                              "load the base, then PeftModel.from_pretrained(base, ADAPTER_DIR); remove the adapter "
                              "files if they were written into the model's directory by mistake")
-    index = path / "model.safetensors.index.json"
+    index = path / MODEL_INDEX
     if index.is_file():
         data = read_json(index, ModelFileError)
         try:
@@ -60,8 +54,8 @@ def weight_files(path: Path) -> list[Path]:
         except (KeyError, TypeError, AttributeError) as err:
             raise ModelFileError(f"{index}: not a safetensors index (no 'weight_map' of file names: {err})") from None
         files = [path / shard for shard in shards]
-    elif (path / "model.safetensors").is_file():
-        files = [path / "model.safetensors"]
+    elif (path / MODEL_WEIGHTS).is_file():
+        files = [path / MODEL_WEIGHTS]
     else:
         others = sorted(p.name for p in path.iterdir() if p.suffix in (".safetensors", ".bin", ".pt", ".pth", ".ckpt"))
         raise ModelFileError(f"{path}: no model.safetensors (or model.safetensors.index.json)"
@@ -82,8 +76,6 @@ def weight_files(path: Path) -> list[Path]:
 
 def load_model(name: str, *, task: str | None = None) -> nn.Module:
     """Load a transformers model from safetensors only (no pickle), in fp32, on CPU."""
-    import transformers
-
     path = model_dir(name)
     config = read_model_config(path)
     weight_files(path)
@@ -103,6 +95,14 @@ def load_model(name: str, *, task: str | None = None) -> nn.Module:
 
 
 def load_tokenizer(name: str):
-    from transformers import AutoTokenizer
+    return transformers.AutoTokenizer.from_pretrained(model_dir(name))
 
-    return AutoTokenizer.from_pretrained(model_dir(name))
+
+def copy_tokenizer_files(source: Path, target: Path) -> list[str]:
+    """Copy the tokenizer files ``source`` has into ``target``; returns their names."""
+    copied = []
+    for name in TOKENIZER_FILES:
+        if (source / name).is_file():
+            shutil.copy2(source / name, target / name)
+            copied.append(name)
+    return copied

@@ -94,7 +94,20 @@ class LoraLayer(nn.Module):
         self.adapters = nn.ModuleDict()
         self.active: tuple[str, ...] = ()
         self.merged: tuple[str, ...] = ()  # adapters already added into the base weight
+        self.merged_factors: dict[str, tuple] = {}  # what each merge added: (B, A, scale) as they were then
         self.enabled = True
+
+    def shallow_copy(self) -> LoraLayer:
+        """A new layer over the same adapter modules (same tensors), with its own adapter table and flags.
+
+        What a pass that adds an adapter works on, so the layer its input graph holds keeps its table.
+        """
+        new = LoraLayer(self.path, self.kind, self.in_features, self.out_features)
+        for name, adapter in self.adapters.items():
+            new.adapters[name] = adapter
+        new.active, new.merged, new.enabled = self.active, self.merged, self.enabled
+        new.merged_factors = dict(self.merged_factors)
+        return new
 
     def forward(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
@@ -131,6 +144,14 @@ class SavedTensor(nn.Module):
 
     def add(self, name: str) -> None:
         self.copies[name] = nn.Parameter(self.original.detach().clone(), requires_grad=True)
+
+    def shallow_copy(self) -> SavedTensor:
+        """A new module over the same copies (same tensors), with its own table and flags."""
+        new = SavedTensor(self.path, self.original)
+        for name, copy in self.copies.items():
+            new.copies[name] = copy
+        new.active, new.enabled = self.active, self.enabled
+        return new
 
     def forward(self) -> torch.Tensor:
         if self.enabled:

@@ -17,6 +17,7 @@ from torch import fx
 from surgeon.capturing import SUPPORTED_KINDS, CaptureInfo, ModuleInfo
 from surgeon.config import CLASSIFIER_HEADS, LoraConfig, TaskType
 from surgeon.errors import ConfigError, TargetNotFoundError, UnsupportedModuleError, suggest
+from surgeon.graphs import graphs_of, module_path_of
 from surgeon.quant import QUANT_SITE_OPS
 
 ATEN = torch.ops.aten
@@ -74,22 +75,6 @@ class Match:
     targets: tuple[Target, ...]
     skipped: tuple[Skip, ...]
     modules_to_save: tuple[str, ...]
-
-
-def graphs_of(gm: fx.GraphModule):
-    """The top graph and every higher-order-op subgraph, as (attribute path, GraphModule)."""
-    yield "", gm
-    for name, sub in gm.named_modules():
-        if name and isinstance(sub, fx.GraphModule):
-            yield name, sub
-
-
-def module_path_of(node: fx.Node) -> str | None:
-    stack = node.meta.get("nn_module_stack")
-    if not stack:
-        return None
-    path = list(stack.values())[-1][0]
-    return path[len("L['self']."):] if path.startswith("L['self'].") else path
 
 
 def find_sites(gm: fx.GraphModule) -> dict[str, list[Site]]:
@@ -158,7 +143,7 @@ def resolve_modules_to_save(config: LoraConfig, info: CaptureInfo) -> tuple[str,
         names += [h for h in CLASSIFIER_HEADS if h not in names]
     paths = []
     for name in names:
-        found = [p for p in info.modules if p == name or p.endswith("." + name)]
+        found = [p for p in info.modules if names_match((name,), p)]
         if not found and not (auto and name in CLASSIFIER_HEADS):
             raise TargetNotFoundError(
                 f"modules_to_save: {name!r} matches no module in {info.model_class}; "
@@ -182,21 +167,19 @@ def _resolve_targets(config: LoraConfig, info: CaptureInfo):
     return spec
 
 
-def _matches(spec, path: str) -> bool:
-    if spec == "all-linear":
-        return True
+def names_match(spec, path: str) -> bool:
+    """PEFT's rule: a string is a regex that must match the whole path; a list holds exact paths or ``.suffix`` names."""
     if isinstance(spec, str):
         return re.fullmatch(spec, path) is not None
     return any(path == name or path.endswith("." + name) for name in spec)
 
 
+def _matches(spec, path: str) -> bool:
+    return spec == "all-linear" or names_match(spec, path)
+
+
 def _excluded(config: LoraConfig, path: str) -> bool:
-    ex = config.exclude_modules
-    if not ex:
-        return False
-    if isinstance(ex, str):
-        return re.fullmatch(ex, path) is not None
-    return any(path == name or path.endswith("." + name) for name in ex)
+    return bool(config.exclude_modules) and names_match(config.exclude_modules, path)
 
 
 def _in_module(module_path: str, path: str) -> bool:
@@ -226,13 +209,13 @@ def _check_every_name_matches(config: LoraConfig, spec, modules: Mapping[str, Mo
     if spec == "all-linear":
         return
     if isinstance(spec, str):
-        if not any(re.fullmatch(spec, p) for p in modules):
+        if not any(names_match(spec, p) for p in modules):
             raise TargetNotFoundError(
                 f"target_modules regex {spec!r} matches no module path (re.fullmatch on paths such as "
                 f"{next(iter(p for p, m in modules.items() if m.kind), '?')!r}); nearest names: {_leaf_names(modules)[:8]}"
             )
         return
-    missing = [n for n in spec if not any(p == n or p.endswith("." + n) for p in modules)]
+    missing = [n for n in spec if not any(names_match((n,), p) for p in modules)]
     if missing:
         leaves = _leaf_names(modules)
         parts = [f"{n!r} (nearest: {', '.join(suggest(n, leaves)) or 'none'})" for n in missing]

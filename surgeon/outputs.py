@@ -20,7 +20,8 @@ import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from surgeon.errors import OutputError, SurgeonError, SurgeonNotice, WriteError
+from surgeon.errors import AdapterError, OutputError, SurgeonError, SurgeonNotice, WriteError
+from surgeon.names import MODEL_FILES
 
 _TMP, _OLD = ".tmp-", ".old-"
 _RENAME_NOREPLACE, _RENAME_EXCHANGE = 1, 2
@@ -140,7 +141,9 @@ def write_dir_atomically(out: str | os.PathLike, fill: Callable[[Path], None], *
         _follow_umask(tmp, directory=True)
     except OSError as err:
         raise OutputError(f"{out}: cannot write there ({err.strerror}); choose a writable -o") from None
-    from safetensors import SafetensorError  # raised for I/O errors (e.g. disk full) while serialising
+    # deferred: safetensors raises its own error for I/O failures (disk full) while serialising, but outputs is
+    # imported by the CLI before any command runs, where the import would cost time for nothing
+    from safetensors import SafetensorError
 
     try:
         fill(tmp)
@@ -205,3 +208,35 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def check_name(name: object, what: str = "adapter name") -> str:
+    """``name`` when it can be one file or directory name inside OUT; otherwise an error saying why.
+
+    One path component: not empty, not ``.`` or ``..``, no ``/`` or ``\\``, no control characters.
+    Every name that becomes a path (``--name``, ``adapter_name`` in ``save_pretrained``) passes here.
+    """
+    problem = None
+    if not isinstance(name, str):
+        problem = f"must be a string, got {type(name).__name__}"
+    elif not name.strip():
+        problem = "is empty"
+    elif name in (".", ".."):
+        problem = "is a directory reference, not a name"
+    elif any(sep in name for sep in ("/", "\\")):
+        problem = "contains a path separator; it must be one name, not a path"
+    elif any(ord(ch) < 32 for ch in name):
+        problem = "contains a control character"
+    elif len(name.encode()) > 200:
+        problem = "is longer than 200 bytes"
+    if problem:
+        raise AdapterError(f"{what} {name!r} {problem}; use letters, digits, '-', '_' or '.' (e.g. 'my-adapter')")
+    return name
+
+
+def refuse_model_dir(directory: Path) -> None:
+    """An adapter never goes into a model's directory: transformers would then load that model as a PEFT model."""
+    found = [name for name in MODEL_FILES if (Path(directory) / name).is_file()]
+    if found:
+        raise AdapterError(f"{directory}: is a model directory (it holds {', '.join(found)}); adapters go in their own "
+                           "directory, e.g. -o runs/my-adapter")

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+from typing import NamedTuple
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -75,3 +78,26 @@ def batch(name: str, b: int = 2, s: int = 9, seed: int = 1, pad_left: int = 0) -
 @pytest.fixture(scope="session")
 def tmp_session(tmp_path_factory):
     return tmp_path_factory.mktemp("session")
+
+
+class CliResult(NamedTuple):
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def run_cli(*args, **subprocess_kw) -> CliResult:
+    """``surgeon ARGS...``: in this process through click's runner (exit code, stdout, stderr as the shell sees
+    them), or as a real ``python -m surgeon.cli`` child when it needs process settings (``preexec_fn``: rlimits).
+    A few tests keep real children on purpose: signals, the entry point, exit codes through ``sys.exit``."""
+    if subprocess_kw:
+        env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+        done = subprocess.run([sys.executable, "-m", "surgeon.cli", *map(str, args)], capture_output=True, text=True,
+                              env=env, **subprocess_kw)
+        return CliResult(done.returncode, done.stdout, done.stderr)
+    from click.testing import CliRunner
+
+    from surgeon.cli import main
+
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    return CliResult(result.exit_code, result.stdout, result.stderr)

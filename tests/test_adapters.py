@@ -159,7 +159,7 @@ def test_second_signature_shares_adapters(two_adapters):
     with torch.no_grad():
         with_mask = model(**x).logits
         without = model(input_ids=x["input_ids"]).logits  # a new signature, captured on first use
-    assert len(model._graphs) == 2 and torch.allclose(with_mask, without, atol=1e-6)
+    assert len(model.graphs) == 2 and torch.allclose(with_mask, without, atol=1e-6)
 
 
 # ---- hotswap ------------------------------------------------------------------------------

@@ -17,7 +17,8 @@ import transformers
 import surgeon
 from surgeon.compat import cache_name
 from surgeon.errors import UnknownArgumentError
-from surgeon.generation import GenerationError, graph_forward
+from surgeon.errors import GenerationError
+from surgeon.model.generate import graph_forward
 from tests.conftest import V, make_base
 
 

@@ -7,17 +7,14 @@ Tolerances: fp32 fold vs unfolded <= 1e-5 max-abs on logits. bf16: the folded we
 from __future__ import annotations
 
 import hashlib
-import os
 import signal
-import subprocess
-import sys
 
 import pytest
 import torch
 
 import surgeon
 from surgeon.passes.fold import FoldError
-from tests.conftest import ARCHS, batch, make_base
+from tests.conftest import ARCHS, batch, make_base, run_cli
 
 FP32_ATOL = 1e-5
 BF16_ATOL = 5e-2
@@ -63,7 +60,7 @@ def test_bf16_folded_weight_is_fp32_sum_cast_back(name):
 
     model = lora_model(name, torch.bfloat16)
     folded = surgeon.fold(model.graph_for(**inputs(name)))
-    layer = next(m for m in model._registry().values() if isinstance(m, surgeon.layers.LoraLayer))
+    layer = next(m for m in model.adapter_state.registry().values() if isinstance(m, surgeon.layers.LoraLayer))
     base_w = model.base.get_submodule(layer.path).weight
     expected = (base_w.float() + lora_delta(layer)).to(torch.bfloat16)
     got = [p for n, p in folded.named_parameters() if n.startswith("surgeon_folded") and layer.path.replace(".", "__") in n]
@@ -119,7 +116,7 @@ def test_merge_unmerge_round_trip():
 @pytest.mark.parametrize("safe", [True, False])
 def test_overflowing_fold_names_module_and_changes_nothing(safe):
     model = lora_model("llama")
-    layer = [m for m in model._registry().values() if isinstance(m, surgeon.layers.LoraLayer)][-1]
+    layer = [m for m in model.adapter_state.registry().values() if isinstance(m, surgeon.layers.LoraLayer)][-1]
     with torch.no_grad():
         layer.adapters["default"].lora_B.fill_(3e38)
         layer.adapters["default"].lora_A.fill_(3e38)
@@ -130,7 +127,7 @@ def test_overflowing_fold_names_module_and_changes_nothing(safe):
     atol = 0.0 if safe else 1e-6
     assert all((weights[k] - v).abs().max() <= atol for k, v in model.base.state_dict().items())
     with pytest.raises(FoldError, match=layer.path):
-        surgeon.fold(next(iter(model._graphs.values())))
+        surgeon.fold(model.graphs.any())
 
 
 def test_tied_embedding_fold_unties_and_says_so():
@@ -165,8 +162,8 @@ def test_add_weighted_adapter(kind, atol):
     from surgeon.passes.fold import lora_delta
 
     with torch.no_grad():
-        for layer in model._lora_layers():
-            w = model._own_weight(layer.path)
+        for layer in model.adapter_state.lora_layers():
+            w = model.get_base_model().get_submodule(layer.path).weight
             for name, weight in (("default", 0.5), ("b", 2.0)):
                 if name in layer.adapters:
                     w.add_(weight * lora_delta(layer, (name,)))
@@ -196,9 +193,7 @@ def base_and_adapter(tmp_path_factory):
     return root
 
 
-def _cli(*args, **kw):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([sys.executable, "-m", "surgeon.cli", *map(str, args)], capture_output=True, text=True, env=env, **kw)
+_cli = run_cli
 
 
 def test_fold_command_writes_loadable_checkpoint(base_and_adapter, tmp_path):
@@ -256,8 +251,8 @@ def test_weighted_onnx_fold_is_checked_against_its_recipe(base_and_adapter, tmp_
     """Several adapters folded with weights: check rebuilds the same weighted merge from the recorded recipe."""
     import json
 
-    from surgeon.checkpoint import fold_onnx
-    from surgeon.checks import run_checks
+    from surgeon.workflows.checkpoint import fold_onnx
+    from surgeon.workflows.checks import run_checks
 
     root = base_and_adapter
     lora_model("gpt2", r=2, target_modules=["c_fc"]).save_pretrained(tmp_path / "second")

@@ -17,10 +17,10 @@ import torch
 from click.testing import CliRunner
 
 import surgeon
-from surgeon.checks import run_checks
+from surgeon.workflows.checks import run_checks
 from surgeon.cli import main
 from surgeon.errors import AdapterError, AdapterFileError
-from surgeon.generation import GenerationError
+from surgeon.errors import GenerationError
 from surgeon.onnx.export import export_onnx
 from surgeon.onnx.runtime import AdapterSession, pick_tokens
 from tests.conftest import ARCHS, V, make_base
@@ -97,15 +97,15 @@ def test_greedy_equals_peft_token_for_token(pairs, name):
 @pytest.mark.parametrize("name", DECODERS)
 def test_generate_runs_on_the_decode_graph_and_restores_the_model(pairs, name):
     _, _, ours, _ = pairs(name)
-    from surgeon.generation import DECODE_KEY
+    from surgeon.capturing import DECODE_KEY
 
     ids, mask = prompts(b=1, s=5)
     greedy(ours, ids, mask, n=3)
-    assert DECODE_KEY in ours._graphs
+    assert DECODE_KEY in ours.graphs
     assert "forward" not in vars(ours.base)  # the base's own forward is back
     graph, layout = ours.decoder_graph()
     lora_calls = [n for n in graph.graph.nodes if n.op == "call_module" and n.target.startswith("surgeon_lora")]
-    assert len(lora_calls) == len({t for t in ours._registry() if t.startswith("surgeon_lora")})
+    assert len(lora_calls) == len({t for t in ours.adapter_state.registry() if t.startswith("surgeon_lora")})
     assert layout.layers == 2
 
 

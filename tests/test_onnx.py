@@ -23,7 +23,7 @@ import surgeon
 from surgeon.errors import AdapterError
 from surgeon.onnx.export import export_onnx
 from surgeon.onnx.runtime import AdapterSession
-from tests.conftest import ARCHS, make_base
+from tests.conftest import ARCHS, make_base, run_cli
 
 ATOL = 1e-4
 SECOND = {  # a second adapter with other targets and rank, per architecture
@@ -100,7 +100,7 @@ def test_manifest_and_names(exported):
     for lo in manifest["lora_inputs"]:
         assert lo["a"] == f"{lo['path']}.lora_A.weight" and inputs[lo["a"]] == [lo["in"], "lora_r"]
         assert inputs[lo["b"]] == ["lora_r", lo["out"]]
-    expected_paths = {m.path for m in model._registry().values() if isinstance(m, surgeon.layers.LoraLayer)}
+    expected_paths = {m.path for m in model.adapter_state.registry().values() if isinstance(m, surgeon.layers.LoraLayer)}
     assert {lo["path"] for lo in manifest["lora_inputs"]} == expected_paths
 
 
@@ -163,7 +163,7 @@ def _gpt2_export():
 def test_check_passes_and_catches_altered_weights(tmp_path):
     import shutil
 
-    from surgeon.checks import run_checks
+    from surgeon.workflows.checks import run_checks
 
     _, _, out = _gpt2_export()
     report = run_checks(out)
@@ -237,9 +237,7 @@ def test_adapter_with_another_dtype(tmp_path):
         AdapterSession(out).add_adapter_file("half", tmp_path / "half.onnx_adapter")
 
 
-def _cli(*args, **kw):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([sys.executable, "-m", "surgeon.cli", *map(str, args)], capture_output=True, text=True, env=env, **kw)
+_cli = run_cli
 
 
 @pytest.fixture(scope="module")

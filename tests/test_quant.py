@@ -62,7 +62,7 @@ def test_qlora_matches_peft_logits_and_gradients(checkpoints, tmp_path, name, bi
     out.loss.backward()
     params = dict(ref.named_parameters())
     worst = 0.0
-    for layer in (m for m in ours._registry().values() if isinstance(m, LoraLayer)):
+    for layer in (m for m in ours.adapter_state.registry().values() if isinstance(m, LoraLayer)):
         adapter = layer.adapters["default"]
         worst = max(worst, (adapter.lora_A.grad - params[f"base_model.model.{layer.path}.lora_A.default.weight"].grad).abs().max().item(),
                     (adapter.lora_B.grad - params[f"base_model.model.{layer.path}.lora_B.default.weight"].grad).abs().max().item())
@@ -111,7 +111,7 @@ def test_eval_mode_4bit_is_the_exact_dequantized_matmul(checkpoints, double):
 def test_loader_quantizes_while_reading_like_transformers(checkpoints, bits, quant_type, double):
     mine = load_quantized(checkpoints["llama"], bits=bits, quant_type=quant_type, double_quant=double)
     theirs = bnb_load(checkpoints["llama"], bits, quant_type, double=double)
-    surgeon.model.prepare_quantized(theirs)
+    surgeon.quant.from_bitsandbytes(theirs)
     assert not any(p.device.type == "meta" for p in mine.parameters())
     assert isinstance(mine.lm_head, torch.nn.Linear)  # the head stays float
     b = batch("llama", b=2, s=7)
@@ -212,7 +212,7 @@ def test_onnx_export_keeps_the_packed_weights_and_float_adapters(llama64, tmp_pa
     import numpy as np
     import onnx
 
-    from surgeon.checks import run_checks
+    from surgeon.workflows.checks import run_checks
 
     model = surgeon.get_peft_model(load_quantized(llama64, bits=bits),
                                    surgeon.LoraConfig(r=4, target_modules=TARGETS["llama"], init_lora_weights=False)).eval()

@@ -25,9 +25,9 @@ import torch
 from click.testing import CliRunner
 
 import surgeon
-from surgeon.checks import run_checks
+from surgeon.workflows.checks import run_checks
 from surgeon.cli import main
-from surgeon.errors import AdapterError, AdapterFileError, ConfigError, ExportFileError, GenerationArgumentError, \
+from surgeon.errors import AdapterError, ConfigError, ExportFileError, GenerationArgumentError, \
     ModelFileError, OutputError
 from surgeon.onnx.export import export_onnx
 from surgeon.onnx.runtime import AdapterSession, changed_files, file_digest

@@ -15,7 +15,7 @@ from torch import fx, nn
 from torch.nn import functional as F
 
 from surgeon.layers import LoraLayer
-from surgeon.passes.graph_copy import copy_graph
+from surgeon.graphs import copy_graph
 
 
 @dataclasses.dataclass(frozen=True)

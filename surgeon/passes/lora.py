@@ -3,55 +3,99 @@
 Before: ``y = linear(x, W, b)`` (or GPT-2's ``addmm(b, x, W)``, or ``embedding(W, ids)``).
 After:  ``z = call_module(surgeon_lora.<path>, (x, y))`` and every former user of ``y`` reads ``z``.
 Parameters of ``modules_to_save`` are read through ``call_module(surgeon_saved.<param>)``, which
-returns the active adapter's trainable copy. The input graph is never edited.
+returns the active adapter's trainable copy.
+
+Two steps, so that a model can own its adapters: ``new_adapter_modules`` makes the modules for one
+adapter (copies of the layers the graph already holds, gaining the new adapter), and ``attach``
+returns a new graph that calls the modules it is given. Neither edits its input graph or the
+modules that graph holds.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 
 import torch
 from torch import fx, nn
 
-from surgeon.adapters import layer_attr, saved_attr
 from surgeon.config import LoraConfig
 from surgeon.errors import AdapterError
+from surgeon.graphs import copy_graph, existing, fetch_attr, graphs_of, module_path_of, node_named, subgraph
 from surgeon.layers import LoraAdapter, LoraLayer, SavedTensor
-from surgeon.matching import SITE_OPS, Match, graphs_of, match, module_path_of
-from surgeon.passes.graph_copy import copy_graph, fetch_attr, node_named, subgraph
+from surgeon.matching import SITE_OPS, Match, Target, match
+from surgeon.names import layer_attr, saved_attr
 
 
-def inject_lora(gm: fx.GraphModule, config: LoraConfig, adapter_name: str = "default", *,
-                reuse: Mapping[str, nn.Module] | None = None) -> fx.GraphModule:
+def inject_lora(gm: fx.GraphModule, config: LoraConfig, adapter_name: str = "default") -> fx.GraphModule:
     """Return a new graph with adapter ``adapter_name`` added at every target of ``config``.
 
-    ``reuse`` maps layer attributes to existing ``LoraLayer`` / ``SavedTensor`` modules (so that
-    several graphs of one model share adapters). A site that already has a LoRA branch keeps it and
-    its layer gains the adapter. The new adapter becomes the layers' active one only where no
-    adapter is active yet. ``requires_grad`` of base parameters is left alone.
+    A site that already has a LoRA branch keeps it; the new graph's layer there is a copy of the old
+    one (same adapter tensors) that also holds the new adapter. The new adapter becomes a layer's
+    active one only where none is active yet. ``gm``, its modules and ``requires_grad`` of base
+    parameters are left as they were.
     """
     found = match(gm, config)
+    return attach(gm, found, new_adapter_modules(gm, found, config, adapter_name))
+
+
+def new_adapter_modules(gm: fx.GraphModule, found: Match, config: LoraConfig, adapter_name: str,
+                        *, into: Mapping[str, nn.Module] | None = None) -> dict[str, nn.Module]:
+    """The LoRA layers and saved-tensor modules of ``found`` with adapter ``adapter_name`` added.
+
+    ``into`` maps attributes to modules to extend in place (a model passes its own registry: it owns
+    those); any other module is a fresh one or a copy of the one ``gm`` holds.
+    """
+    into = dict(into or {})
+    out: dict[str, nn.Module] = {}
+    for target in found.targets:
+        attr = layer_attr(target.path)
+        layer = into.get(attr)
+        if layer is None:
+            held = existing(gm, attr)
+            layer = held.shallow_copy() if held is not None else LoraLayer(
+                target.path, target.kind, target.in_features, target.out_features)
+        if adapter_name in layer.adapters:
+            raise AdapterError(f"adapter {adapter_name!r} already exists at {target.path}; pick another name or delete "
+                               "it first")
+        add_adapter(layer, target, config, adapter_name, _site_weight(gm, target))
+        out[attr] = layer
+    for key, original in saved_parameters(gm, found):
+        attr = saved_attr(key)
+        saved = into.get(attr) or out.get(attr)
+        if saved is None:
+            held = existing(gm, attr)
+            saved = held.shallow_copy() if held is not None else SavedTensor(key, original)
+        if adapter_name not in saved.copies:
+            saved.add(adapter_name)
+        saved.active = saved.active or (adapter_name,)
+        out[attr] = saved
+    return out
+
+
+def add_adapter(layer: LoraLayer, target: Target, config: LoraConfig, name: str, weight: torch.Tensor) -> None:
+    """Give ``layer`` a freshly initialised adapter ``name`` for ``target`` (on the base weight's device)."""
+    layer.adapters[name] = LoraAdapter(target.kind, target.in_features, target.out_features, target.r, target.scale,
+                                       config.lora_dropout, config.init_lora_weights, dtype=_adapter_dtype(weight),
+                                       device=weight.device)
+    layer.active = layer.active or (name,)
+
+
+def attach(gm: fx.GraphModule, found: Match, modules: Mapping[str, nn.Module]) -> fx.GraphModule:
+    """A new graph whose target sites call ``modules[layer_attr(path)]`` and whose modules_to_save parameters
+    are read through ``modules[saved_attr(param)]``; sites already wrapped keep their branch (now calling the
+    given module). Verified: one branch per site, and nothing else changed."""
     new = copy_graph(gm)
-    reuse = dict(reuse or {})
+    for attr, module in modules.items():  # the copy's own attribute tree: gm keeps its modules
+        for _, sub in graphs_of(new):
+            if existing(sub, attr) is not None:
+                _replace_module(sub, attr, module)
     before = _count_nodes(new)
     added = 0
     for target in found.targets:
         attr = layer_attr(target.path)
-        layer = _existing(new, attr)
-        if layer is not None and adapter_name in layer.adapters and reuse.get(attr) is not layer:
-            raise AdapterError(f"adapter {adapter_name!r} already exists at {target.path}; pick another name or delete it first")
-        layer = layer or reuse.get(attr) or LoraLayer(target.path, target.kind, target.in_features, target.out_features)
-        if adapter_name not in layer.adapters:  # a reused layer may carry it already (another signature's graph)
-            weight = _site_weight(new, target.sites[0])
-            layer.adapters[adapter_name] = LoraAdapter(
-                target.kind, target.in_features, target.out_features, target.r, target.scale,
-                config.lora_dropout, config.init_lora_weights, dtype=_adapter_dtype(weight), device=weight.device,
-            )
-        if not layer.active:
-            layer.active = (adapter_name,)
         for site in target.sites:
-            added += _wrap_site(subgraph(new, site.graph_path), site.node, attr, layer)
-    added += _redirect_saved(new, found, adapter_name, reuse)
+            added += _wrap_site(subgraph(new, site.graph_path), site.node, attr, modules[attr])
+    added += _redirect_saved(new, found, modules)
     for _, sub in graphs_of(new):
         sub.graph.lint()
         sub.recompile()
@@ -59,11 +103,9 @@ def inject_lora(gm: fx.GraphModule, config: LoraConfig, adapter_name: str = "def
     return new
 
 
-def _existing(gm: fx.GraphModule, attr: str):
-    try:
-        return gm.get_submodule(attr)
-    except AttributeError:
-        return None
+def _replace_module(root: nn.Module, dotted: str, module: nn.Module) -> None:
+    parent, _, leaf = dotted.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, leaf, module)
 
 
 def _adapter_dtype(weight: torch.Tensor) -> torch.dtype:
@@ -71,18 +113,18 @@ def _adapter_dtype(weight: torch.Tensor) -> torch.dtype:
     return torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) or not weight.is_floating_point() else weight.dtype
 
 
-def _site_weight(gm: fx.GraphModule, site) -> torch.Tensor:
+def _site_weight(gm: fx.GraphModule, target: Target) -> torch.Tensor:
+    site = target.sites[0]
     sub = subgraph(gm, site.graph_path)
     node = node_named(sub, site.node)
-    w = node.args[SITE_OPS[node.target][1]]
-    return fetch_attr(sub, w.target)
+    return fetch_attr(sub, node.args[SITE_OPS[node.target][1]].target)
 
 
 def _wrap_site(sub: fx.GraphModule, node_name: str, attr: str, layer: LoraLayer) -> int:
     node = node_named(sub, node_name)
     if any(u.op == "call_module" and u.target == attr for u in node.users):
-        return 0  # already wrapped: the layer just gained an adapter
-    if _existing(sub, attr) is None:
+        return 0  # already wrapped
+    if existing(sub, attr) is None:
         sub.add_submodule(attr, layer)
     x = node.args[SITE_OPS[node.target][2]]
     with sub.graph.inserting_after(node):
@@ -92,43 +134,47 @@ def _wrap_site(sub: fx.GraphModule, node_name: str, attr: str, layer: LoraLayer)
     return 1
 
 
-def _redirect_saved(gm: fx.GraphModule, found: Match, adapter_name: str, reuse: Mapping[str, nn.Module]) -> int:
-    """Point every read of a modules_to_save parameter at a ``SavedTensor``; returns nodes added."""
-    added = 0
+def _saved_reads(gm: fx.GraphModule, found: Match) -> Iterator[tuple[fx.GraphModule, fx.Node, fx.Node, str]]:
+    """``(subgraph, reader node, input node, parameter path)`` for each read of a modules_to_save parameter."""
     for _, sub in graphs_of(gm):
         for node in list(sub.graph.nodes):
             path = module_path_of(node) if node.op == "call_function" else None
             if path is None or not any(path == s or path.startswith(s + ".") for s in found.modules_to_save):
                 continue
             for arg in list(node.all_input_nodes):
-                if arg.op == "call_module" and isinstance(sub.get_submodule(arg.target), SavedTensor):
-                    _add_copy(sub.get_submodule(arg.target), adapter_name)  # redirected by an earlier adapter
-                    continue
-                if arg.op != "get_attr":
-                    continue
-                key = f"{path}.{arg.target.rsplit('.', 1)[-1]}"
-                attr = saved_attr(key)
-                saved = _existing(sub, attr) or _existing(gm, attr) or reuse.get(attr)
-                if saved is None:
-                    saved = SavedTensor(key, fetch_attr(sub, arg.target))
-                _add_copy(saved, adapter_name)
-                if _existing(sub, attr) is None:
-                    sub.add_submodule(attr, saved)
-                with sub.graph.inserting_before(node):
-                    read = sub.graph.call_module(attr, ())
-                node.replace_input_with(arg, read)
-                added += 1
-                if not arg.users:
-                    sub.graph.erase_node(arg)
-                    added -= 1
+                if arg.op == "get_attr":
+                    yield sub, node, arg, f"{path}.{arg.target.rpartition('.')[2]}"
+
+
+def saved_parameters(gm: fx.GraphModule, found: Match) -> list[tuple[str, torch.Tensor]]:
+    """``(parameter path, tensor)`` of every modules_to_save parameter the graph reads (each once)."""
+    seen: dict[str, torch.Tensor] = {}
+    for sub, _, arg, key in _saved_reads(gm, found):
+        seen.setdefault(key, fetch_attr(sub, arg.target))
+    for _, sub in graphs_of(gm):  # parameters an earlier adapter redirected already
+        for node in sub.graph.nodes:
+            if node.op == "call_module" and isinstance(sub.get_submodule(node.target), SavedTensor):
+                saved = sub.get_submodule(node.target)
+                if any(saved.path.startswith(s + ".") for s in found.modules_to_save):
+                    seen.setdefault(saved.path, saved.original)
+    return list(seen.items())
+
+
+def _redirect_saved(gm: fx.GraphModule, found: Match, modules: Mapping[str, nn.Module]) -> int:
+    """Point every plain read of a modules_to_save parameter at its ``SavedTensor``; returns nodes added."""
+    added = 0
+    for sub, node, arg, key in list(_saved_reads(gm, found)):
+        attr = saved_attr(key)
+        if existing(sub, attr) is None:
+            sub.add_submodule(attr, modules[attr])
+        with sub.graph.inserting_before(node):
+            read = sub.graph.call_module(attr, ())
+        node.replace_input_with(arg, read)
+        added += 1
+        if not arg.users:
+            sub.graph.erase_node(arg)
+            added -= 1
     return added
-
-
-def _add_copy(saved: SavedTensor, adapter_name: str) -> None:
-    if adapter_name not in saved.copies:
-        saved.add(adapter_name)
-    if not saved.active:
-        saved.active = (adapter_name,)
 
 
 def _count_nodes(gm: fx.GraphModule) -> int:

@@ -5,7 +5,7 @@ model x dtype x tool: the median seconds of surgeon ``model.merge_and_unload()``
 ``merge_and_unload()`` and surgeon's graph pass ``surgeon.fold(graph)``, the bandwidth floor,
 and under each model x dtype the surgeon/PEFT ratios and the ratios to the floor next to the
 goals (fold <= 0.5x PEFT merge time, within 3x of the floor); then, per surgeon row, where the
-time goes (timers around lora_delta / merged_weight / _own_param). Progress goes to stderr.
+time goes (timers around write_merged / factors_of / own_param). Progress goes to stderr.
 About 10 minutes on 2 cores; ``--quick`` (tiny configs, 2 repeats) takes about 30 seconds.
 
 Workload: a GPT-2-small-sized model (GPT2Config defaults, 124.4M params, LoRA on c_attn and
@@ -104,7 +104,7 @@ def fold_runs(model, repeats: int, label: str) -> tuple[list[float], dict]:
 def expected_weight(model, tool: str, path: str, original):
     """``W + scale * B @ A`` for one target, the plain way (fp32, cast once to W's dtype)."""
     if tool == "surgeon":
-        layer = next(x for x in model._lora_layers() if x.path == path)
+        layer = next(x for x in model.adapter_state.lora_layers() if x.path == path)
         ad = layer.adapters["default"]
         d = (ad.lora_B.detach().float() @ ad.lora_A.detach().float()) * ad.scale
         d = d if layer.kind == "linear" else d.t()

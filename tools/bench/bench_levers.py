@@ -14,7 +14,7 @@ Levers are prototyped here by patching surgeon from the outside (surgeon/ is not
 - ``causal``:  attention without the materialised [B, 1, S, S] mask: SDPA(attn_mask=None,
                is_causal=True), what eager transformers does when the attention_mask is all ones
                (valid only then: a real pass must dispatch on ``attention_mask.all()``);
-- ``compile``: ``torch.compile`` (inductor) of each injected graph in ``model._graphs``;
+- ``compile``: ``torch.compile`` (inductor) of each injected graph in ``model.graphs``;
 - ``compile-aot``: ``torch.compile(backend="aot_eager_decomp_partition")``: AOTAutograd's
                min-cut partitioner (recomputes cheap pointwise ops in backward), eager kernels;
 - ``compile-loss``: ``torch.compile`` of graph + loss together (the cross-entropy fuses with the
@@ -70,8 +70,8 @@ def causal_graph(gm):
     import copy
 
     import torch
-    from surgeon.passes.graph_copy import copy_graph
-    from surgeon.passes.modes import AttentionDropout
+    from surgeon.graphs import copy_graph
+    from surgeon.capturing.dropout import AttentionDropout
 
     new = copy_graph(gm)
     for node in list(new.graph.nodes):
@@ -103,7 +103,7 @@ def build_variant(variant: str, name: str, quick: bool, batch: dict):
         return model
     call = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
     model.graph_for(**call)
-    graphs = model._graphs
+    graphs = model.graphs.graphs  # signature -> injected graph
     if lever == "addmm":
         for module in model.adapter_modules.modules():
             if type(module).__name__ == "LoraLayer":

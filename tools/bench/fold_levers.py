@@ -4,7 +4,7 @@ Prints the prototype levers for surgeon's merge and fold that ``bench_fold.py --
 one line each (name: what it changes). Imported by bench_fold.py; surgeon/ is never edited: each
 lever is a function patched in from the outside.
 
-Also here: ``Timers`` (wall seconds inside patched helpers: lora_delta, merged_weight, _own_param,
+Also here: ``Timers`` (wall seconds inside patched helpers: write_merged, factors_of, own_param,
 copy_graph, set_nested for surgeon; Linear.merge / get_delta_weight for PEFT) and ``profile_top``
 (cProfile, top functions by own time).
 """
@@ -19,7 +19,7 @@ import time
 
 # ---- prototype levers (surgeon patched from the outside; surgeon/ is not edited) -------------
 # The chunked in-place merge that was prototyped here (fp32 addmm into ~2 MiB row chunks, a NaN/Inf check per
-# chunk, one tie scan) is now surgeon's own code (surgeon/passes/fold.py, surgeon/merge.py): "surgeon" measures it.
+# chunk, one tie scan) is now surgeon's own code (surgeon/passes/merge_kernel.py): "surgeon" measures it.
 
 
 def _lazy_copy_graph(gm):
@@ -48,7 +48,7 @@ def _codegen_once(fold):
     def fold_then_codegen(gm):
         from torch.fx._lazy_graph_module import _LazyGraphModule
 
-        from surgeon.matching import graphs_of
+        from surgeon.graphs import graphs_of
 
         new = fold(gm)
         for _, sub in graphs_of(new):
@@ -98,12 +98,12 @@ class Timers:
 
 def surgeon_timers() -> tuple[Timers, callable]:
     """Patch surgeon's merge/fold helpers with timers; returns the timers and an undo function."""
-    import surgeon.merge as sm
+    import surgeon.model.merging as sm
     import surgeon.passes.fold as sf
 
     t = Timers()
-    names = ("lora_delta", "merged_weight", "write_merged", "copy_graph", "set_nested", "_set_attr")
-    saved = [(mod, n) for mod in (sm, sf) for n in names if hasattr(mod, n)] + [(sm.MergeOps, "_own_param")]
+    names = ("write_merged", "factors_of", "copy_graph", "set_nested", "own_param")
+    saved = [(mod, n) for mod in (sm, sf) for n in names if hasattr(mod, n)]  # where each caller looks it up
     originals = [(obj, name, getattr(obj, name)) for obj, name in saved]
     for obj, name, fn in originals:
         setattr(obj, name, t.wrap(name, fn))

@@ -13,7 +13,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
+from transformers import AutoTokenizer
+
 from surgeon.errors import AdapterFileError
+from surgeon.hub import load_tokenizer
+from surgeon.model import SurgeonModel
+from surgeon.model.generate import check_generate_arguments
+from surgeon.names import MANIFEST
+from surgeon.onnx.runtime import AdapterSession
+from surgeon.quant import load_base
 
 
 class TextStream:
@@ -62,22 +71,16 @@ def _flat(tokens) -> list:
 
 
 def is_export(path: str) -> bool:
-    return (Path(path) / "manifest.json").is_file()
+    return (Path(path) / MANIFEST).is_file()
 
 
 @functools.lru_cache(maxsize=4)
 def _session(path: str):
-    from surgeon.onnx.runtime import AdapterSession
-
     return AdapterSession(path)
 
 
 @functools.lru_cache(maxsize=4)
 def _export_tokenizer(path: str):
-    from transformers import AutoTokenizer
-
-    from surgeon.hub import load_tokenizer
-
     session = _session(path)
     if session.manifest.get("tokenizer"):
         return AutoTokenizer.from_pretrained(path)
@@ -90,13 +93,7 @@ def _export_tokenizer(path: str):
 
 @functools.lru_cache(maxsize=2)
 def _torch_model(model: str, bits: int | None = None):
-    from surgeon.hub import load_model, load_tokenizer
-
-    if bits:
-        from surgeon.quant import load_quantized
-
-        return load_quantized(model, bits=bits), load_tokenizer(model)
-    return load_model(model).eval(), load_tokenizer(model)
+    return load_base(model, bits).eval(), load_tokenizer(model)
 
 
 def generate_text(model: str, adapter: str | None, prompt: str, max_new_tokens: int, sampling: dict[str, Any],
@@ -115,8 +112,6 @@ def generate_text(model: str, adapter: str | None, prompt: str, max_new_tokens: 
         session.generate(ids, adapter=adapter, max_new_tokens=max_new_tokens, on_tokens=stream, **sampling)
         stream.end()
         return "".join(pieces[1:])
-    import torch
-
     base, tokenizer = _torch_model(model, bits)
     ids = tokenizer(prompt, return_tensors="pt")
     options = {"max_new_tokens": max_new_tokens, "do_sample": sampling["do_sample"],
@@ -127,13 +122,9 @@ def generate_text(model: str, adapter: str | None, prompt: str, max_new_tokens: 
     torch.manual_seed(sampling["seed"])
     with torch.no_grad():
         if adapter is None:
-            from surgeon.generation import check_generate_arguments
-
             check_generate_arguments(base, {"input_ids": ids["input_ids"], **options})
             base.generate(**ids, **options)
         else:
-            from surgeon.model import SurgeonModel
-
             peft_model = SurgeonModel.from_pretrained(base, adapter).eval()
             peft_model.generate(**ids, **options)
     return "".join(pieces[1:])

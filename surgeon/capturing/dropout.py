@@ -1,4 +1,4 @@
-"""Pass: dropout nodes -> modules that read ``self.training``.
+"""Capture's last step: dropout nodes -> modules that read ``self.training``.
 
 Before: ``aten.dropout(x, p, True)`` and ``aten.scaled_dot_product_attention(..., dropout_p=p)``
 baked in at capture. After: ``call_module(Dropout(p))`` and ``call_module(AttentionDropout(p))``,
@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import fx, nn
 from torch.nn import functional as F
+
+from surgeon.names import dropout_attr
 
 ATEN = torch.ops.aten
 SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
@@ -30,7 +32,7 @@ class AttentionDropout(nn.Module):
 
 
 def dropout_as_modules(gm: fx.GraphModule) -> fx.GraphModule:
-    """Rewrite ``gm`` in place (it is freshly exported and not shared yet); returns it."""
+    """Rewrite ``gm`` in place and return it: capture calls it on the graph it just exported, which nobody holds yet."""
     count = 0
     for node in list(gm.graph.nodes):
         if node.op != "call_function":
@@ -48,7 +50,7 @@ def dropout_as_modules(gm: fx.GraphModule) -> fx.GraphModule:
             args = (bound["query"], bound["key"], bound["value"], bound.get("attn_mask"))
         else:
             continue
-        name = f"surgeon_dropout_{count}"
+        name = dropout_attr(count)
         count += 1
         gm.add_submodule(name, module)
         with gm.graph.inserting_before(node):

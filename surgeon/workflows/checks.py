@@ -14,9 +14,18 @@ import math
 from pathlib import Path
 
 import numpy as np
+import onnx
+import torch
 
 from surgeon.errors import ExportFileError, did_you_mean
-from surgeon.onnx.runtime import MANIFEST, AdapterSession, changed_files, empty_past, read_manifest
+from surgeon.model import SurgeonModel
+from surgeon.names import LOGITS, MANIFEST, past_of_present
+from surgeon.onnx.decoding import empty_past
+from surgeon.onnx.manifest import changed_files, read_manifest
+from surgeon.onnx.runtime import AdapterSession
+from surgeon.quant import load_base
+from surgeon.quant.to_onnx import CHECK_RTOL
+from surgeon.workflows.checkpoint import with_adapters
 
 DEFAULT_ATOL = 1e-4
 
@@ -124,8 +133,6 @@ def _files(out_dir: Path, manifest: dict, report: Report) -> None:
 
 def _structure(out_dir: Path, manifest: dict, report: Report) -> bool:
     """The checker and the rank-0 defaults; False when the model file cannot even be parsed."""
-    import onnx
-
     model_path = out_dir / manifest["model"]
     try:
         onnx.checker.check_model(str(model_path), full_check=True)
@@ -199,13 +206,11 @@ def _numbers(manifest: dict, session: AdapterSession, reference: str | None, rep
             want = _torch_logits(ref, feeds, adapter)
             bad += [f"torch logits at {b}x{s}"] if not np.isfinite(want).all() else []
             scale = max(scale, float(np.abs(want).max()))
-            worst = max(worst, _max_diff(out["logits"], want, feeds["attention_mask"]))
+            worst = max(worst, _max_diff(out[LOGITS], want, feeds["attention_mask"]))
             if kv:
                 step_worst = max(step_worst, _decode_step_diff(session, ref, feeds, out, run_adapter, adapter))
         tol, how = report.atol, f"atol {report.atol:g}"
-        if quantized:  # MatMulNBits re-quantizes the weights: a tolerance relative to the logits' scale
-            from surgeon.quant import CHECK_RTOL
-
+        if quantized:  # the export's own quantized ops: a tolerance relative to the logits' scale
             rtol = CHECK_RTOL[quantized["bits"]]
             tol, how = max(tol, rtol * scale), f"{quantized['bits']}-bit re-quantized: {rtol:g} x max |logit| {scale:.3g}"
         if bad:
@@ -234,9 +239,10 @@ def _decode_step_diff(session: AdapterSession, ref, feeds: dict, prefill: dict, 
     b = feeds["input_ids"].shape[0]
     token = np.full((b, 1), 5, np.int64)
     mask = np.concatenate([feeds["attention_mask"], np.ones((b, 1), np.int64)], axis=1)
-    past = {k.replace("present.", "past_key_values.", 1): v for k, v in prefill.items() if k.startswith("present.")}
+    feeds_for = past_of_present(session.generation["layers"])
+    past = {feeds_for[k]: v for k, v in prefill.items() if k in feeds_for}
     step = {"input_ids": token, "attention_mask": mask, "position_ids": np.cumsum(mask, 1)[:, -1:] - 1, **past}
-    got = session.run(step, adapter=run_adapter)["logits"][:, -1]
+    got = session.run(step, adapter=run_adapter)[LOGITS][:, -1]
     whole = {"input_ids": np.concatenate([feeds["input_ids"], token], axis=1), "attention_mask": mask,
              "position_ids": np.clip(np.cumsum(mask, 1) - 1, 0, None)}
     want = _torch_logits(ref, whole, adapter)[:, -1]
@@ -270,21 +276,10 @@ def _max_diff(got: np.ndarray, want: np.ndarray, mask: np.ndarray) -> float:
 
 def _reference_model(reference: str, manifest: dict, sources: dict[str, str]):
     """The torch model the export came from: the source base + each adapter from its source PEFT directory."""
-    from surgeon.hub import load_model
-    from surgeon.model import SurgeonModel
-
     task = "SEQ_CLS" if "SequenceClassification" in manifest["source"].get("class", "") else None
-    quantized = manifest.get("quantization")
-    if quantized:
-        from surgeon.quant import load_quantized
-
-        base = load_quantized(reference, bits=quantized["bits"], task=task)
-    else:
-        base = load_model(reference, task=task)
+    base = load_base(reference, (manifest.get("quantization") or {}).get("bits"), task=task)
     merged = manifest.get("merged_adapter")
     if merged and isinstance(sources.get(merged), dict):  # the weighted merge fold wrote, made again from its recipe
-        from surgeon.checkpoint import with_adapters
-
         model, name = with_adapters(base, sources[merged]["adapters"], sources[merged]["weights"])
         if name != merged:
             raise ExportFileError(f"merge_recipe rebuilds adapter {name!r}, but the export folded {merged!r}")
@@ -299,8 +294,6 @@ def _reference_model(reference: str, manifest: dict, sources: dict[str, str]):
 
 
 def _torch_logits(model, feeds: dict[str, np.ndarray], adapter: str | None) -> np.ndarray:
-    import torch
-
     inputs = {k: torch.from_numpy(v) for k, v in feeds.items()}
     with torch.no_grad():
         if not hasattr(model, "peft_config"):  # the plain base model (no adapter had a source)

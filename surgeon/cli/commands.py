@@ -1,217 +1,38 @@
-"""``surgeon`` command line: the only place that prints or exits."""
+"""``surgeon`` command line: the only place that prints or exits.
+
+Each command imports the stages it runs inside its body: ``surgeon --help`` and a usage error answer
+in a fraction of a second instead of paying for torch and transformers (~3 s).
+"""
 
 from __future__ import annotations
 
-import functools
 import math
-import os
-import signal
 import sys
-import threading
 from pathlib import Path
 
 import click
 
-from surgeon.config import MAX_RANK
-from surgeon.errors import SurgeonError
-
-
-def _quiet() -> None:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    import importlib
-    import logging
-    import warnings
-
-    importlib.import_module("torch")  # torch sets its loggers' levels on import; ours must come after
-    import transformers
-
-    transformers.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    for name in ("torch.onnx", "torch._dynamo", "torch.export", "torch.fx.experimental.symbolic_shapes", "onnxscript",
-                 "bitsandbytes", "onnxruntime.quantization"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=UserWarning)
-    from surgeon.errors import SurgeonNotice
-
-    warnings.filterwarnings("always", category=SurgeonNotice)  # after the line above: notices still show
-
-
-def _one_line(text: str) -> str:
-    return " ".join(str(text).split())
-
-
-def _fail(message: str, code: int) -> None:
-    click.echo(f"surgeon: error: {_one_line(message)}", err=True)
-    sys.exit(code)
-
-
-def _on_sigterm(signum, frame) -> None:
-    """SIGTERM unwinds like an exception, so temporary output is removed on the way out."""
-    click.echo("surgeon: terminated (SIGTERM); nothing was written", err=True)
-    raise SystemExit(128 + signal.SIGTERM)
-
-
-def _show_notices():
-    """``SurgeonNotice`` warnings become ``surgeon: note: ...`` lines on stderr (returns the previous showwarning)."""
-    import warnings
-
-    from surgeon.errors import SurgeonNotice
-
-    shown = warnings.showwarning
-
-    def show(message, category, *args, **kwargs):
-        if issubclass(category, SurgeonNotice):
-            click.echo(f"surgeon: note: {_one_line(message)}", err=True)
-        else:
-            shown(message, category, *args, **kwargs)
-
-    warnings.showwarning = show  # the filter that lets notices through is set in _quiet, after its UserWarning ignore
-    return shown
-
-
-def friendly(fn):
-    """Errors become one line on stderr and the exit code of the contract: 2 bad input or usage (refused before any
-    work), 1 work that ran and failed. An unexpected exception is one line too (``SURGEON_DEBUG=1`` shows the
-    traceback)."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        main_thread = threading.current_thread() is threading.main_thread()
-        previous = signal.signal(signal.SIGTERM, _on_sigterm) if main_thread else None
-        shown = _show_notices()
-        try:
-            return fn(*args, **kwargs)
-        except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort):
-            raise
-        except SurgeonError as err:
-            _fail(str(err), err.exit_code)
-        except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError) as err:
-            _fail(str(err), 2)
-        except KeyboardInterrupt:
-            _fail("interrupted; nothing was written", 130)
-        except Exception as err:
-            if os.environ.get("SURGEON_DEBUG"):
-                raise
-            _fail(f"unexpected {type(err).__name__}: {err} (a surgeon bug: please report it; SURGEON_DEBUG=1 shows "
-                  "the traceback)", 1)
-        finally:
-            if main_thread:
-                signal.signal(signal.SIGTERM, previous)
-            import warnings
-
-            warnings.showwarning = shown
-
-    return wrapper
-
-
-class Surgeon(click.Group):
-    """Usage errors (bad options, numbers out of range) as one line and exit 2, like every other refusal."""
-
-    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
-        try:
-            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
-        except click.ClickException as err:
-            where = f" (see `surgeon {err.ctx.command.name} --help`)" if getattr(err, "ctx", None) and \
-                err.ctx.command is not self else ""
-            _fail(err.format_message() + where, err.exit_code)
-        except click.exceptions.Abort:
-            _fail("aborted", 1)
-        sys.exit(code if isinstance(code, int) else 0)
+from surgeon.cli.options import (
+    adapter_names,
+    adapter_pairs,
+    base_name,
+    bits_option,
+    check_adapter_out,
+    finite,
+    input_dir,
+    lora_config,
+    lora_options,
+    targets_table,
+    write_adapter,
+)
+from surgeon.cli.running import Surgeon, friendly, quiet
+from surgeon.outputs import atomic_write_bytes, check_file_target, check_out
 
 
 @click.group(cls=Surgeon, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="surgeon")
 def main() -> None:
     """LoRA as compiler passes: capture, inject, train, fold, export."""
-
-
-def _finite(low: float | None = None, high: float | None = None, *, low_open: bool = False, high_open: bool = False):
-    """A click callback: a finite float within the bounds (click's FloatRange lets NaN through)."""
-
-    def check(ctx, param, value):
-        if value is None:
-            return value
-        bad = not math.isfinite(value) or (low is not None and (value < low or low_open and value == low)) or \
-            (high is not None and (value > high or high_open and value == high))
-        if bad:
-            lo = "" if low is None else f"{'>' if low_open else '>='} {low:g}"
-            hi = "" if high is None else f"{'<' if high_open else '<='} {high:g}"
-            raise click.BadParameter(f"{value!r}: give a finite number {' and '.join(x for x in (lo, hi) if x)}")
-        return value
-
-    return check
-
-
-def lora_options(fn):
-    fn = click.option("-t", "--target", "targets", multiple=True, help="Module name (suffix) to adapt; repeat. Default: the model family's usual ones.")(fn)
-    fn = click.option("-r", "--rank", default=8, show_default=True, type=click.IntRange(1, MAX_RANK), help="LoRA rank r.")(fn)
-    fn = click.option("--alpha", default=16.0, show_default=True, type=float, callback=_finite(0, low_open=True),
-                      help="lora_alpha (scale = alpha / r).")(fn)
-    fn = click.option("--dropout", default=0.0, show_default=True, type=float, callback=_finite(0, 1, high_open=True),
-                      help="lora_dropout, in [0, 1).")(fn)
-    fn = click.option("--all-linear", is_flag=True, help="Target every linear layer but the output layer.")(fn)
-    return fn
-
-
-def _config(targets, rank, alpha, dropout, all_linear, base_name):
-    from surgeon.config import LoraConfig, TaskType
-
-    target_modules = "all-linear" if all_linear else (list(targets) or None)
-    return LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules,
-                      task_type=TaskType.CAUSAL_LM, base_model_name_or_path=base_name)
-
-
-def _targets_table(found) -> str:
-    rows = [("module", "kind", "in", "out", "r", "alpha", "status")]
-    rows += [(t.path, t.kind, str(t.in_features), str(t.out_features), str(t.r), f"{t.alpha:g}", "LoRA") for t in found.targets]
-    rows += [(s.path, s.kind, str(s.in_features), str(s.out_features), "-", "-", f"skipped: {s.reason}") for s in found.skipped]
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
-
-
-def bits_option(fn):
-    return click.option("--bits", type=click.Choice(["4", "8"]), default=None,
-                        help="Load the base quantized (bitsandbytes; 4 = nf4 with double quantization), QLoRA.")(fn)
-
-
-def _load_base(model: str, bits: str | None, task: str | None = None):
-    if bits:
-        from surgeon.quant import load_quantized
-
-        return load_quantized(model, bits=int(bits), task=task)
-    from surgeon.hub import load_model
-
-    return load_model(model, task=task)
-
-
-def _input_dir(model: str) -> Path | None:
-    """MODEL's directory (built-in or local) when there is one: an input no write may destroy."""
-    from surgeon.hub import BUILTIN
-
-    return BUILTIN[model] if model in BUILTIN else (Path(model) if Path(model).exists() else None)
-
-
-def _check_adapter_out(output: str, inputs: list, force: bool) -> None:
-    """Refuse, before any work, an adapter OUT that is a model directory, an input, or exists without --force."""
-    from surgeon.adapters import refuse_model_dir
-    from surgeon.outputs import check_out
-
-    refuse_model_dir(Path(output))
-    check_out(output, inputs, force=force)
-
-
-def _write_adapter(peft_model, output: str, inputs: list, force: bool) -> None:
-    from surgeon.outputs import write_dir_atomically
-
-    write_dir_atomically(output, peft_model.save_pretrained, force=force, inputs=inputs)
-
-
-def _base_name(model: str) -> str:
-    from surgeon.hub import BUILTIN
-
-    return model if model in BUILTIN else str(Path(model).resolve())
 
 
 @main.command()
@@ -224,20 +45,21 @@ def _base_name(model: str) -> str:
 @friendly
 def inject(model, targets, rank, alpha, dropout, all_linear, dry_run, output, bits, force):
     """Show where LoRA goes in MODEL (a directory or built-in name) and write the initial adapter."""
-    _quiet()
+    quiet()
     from surgeon.matching import match
     from surgeon.model import get_peft_model, trainable_parameters_line
+    from surgeon.quant import load_base
 
     if output and not dry_run:
-        _check_adapter_out(output, [_input_dir(model)], force)
-    base = _load_base(model, bits)
-    config = _config(targets, rank, alpha, dropout, all_linear, _base_name(model))
+        check_adapter_out(output, [input_dir(model)], force)
+    base = load_base(model, bits)
+    config = lora_config(targets, rank, alpha, dropout, all_linear, base_name(model))
     peft_model = get_peft_model(base, config)
-    found = match(next(iter(peft_model._graphs.values())), config)
-    click.echo(_targets_table(found))
+    found = match(peft_model.graphs.any(), config)
+    click.echo(targets_table(found))
     click.echo(trainable_parameters_line(*peft_model.get_nb_trainable_parameters()))
     if output and not dry_run:
-        _write_adapter(peft_model, output, [_input_dir(model)], force)
+        write_adapter(peft_model, output, [input_dir(model)], force)
         click.echo(f"wrote adapter to {output}")
 
 
@@ -247,7 +69,7 @@ def inject(model, targets, rank, alpha, dropout, all_linear, dry_run, output, bi
 @click.option("--heldout", type=click.Path(dir_okay=False), help="Held-out text for the before/after loss. Default: bundled, or the last 10% of --data.")
 @lora_options
 @click.option("--steps", default=150, show_default=True, type=click.IntRange(1))
-@click.option("--lr", default=2e-3, show_default=True, type=float, callback=_finite(0, low_open=True))
+@click.option("--lr", default=2e-3, show_default=True, type=float, callback=finite(0, low_open=True))
 @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(1))
 @click.option("--seq-len", default=128, show_default=True, type=click.IntRange(2))
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(0, 2**32 - 1))
@@ -260,17 +82,19 @@ def inject(model, targets, rank, alpha, dropout, all_linear, dry_run, output, bi
 def train(model, data, heldout, targets, rank, alpha, dropout, all_linear, steps, lr, batch_size, seq_len, seed,
           eval_blocks_n, output, force, bits):
     """Fine-tune a LoRA adapter on MODEL (default: the embedded tiny GPT-2) and write it."""
-    _quiet()
+    quiet()
     import torch
 
-    from surgeon.hub import BUILTIN_TARGETS, DEFAULT_DATA, DEFAULT_HELDOUT, DEFAULT_MODEL, load_tokenizer
+    from surgeon.bundled import BUILTIN_TARGETS, DEFAULT_DATA, DEFAULT_HELDOUT, DEFAULT_MODEL
+    from surgeon.hub import load_tokenizer
     from surgeon.model import get_peft_model
-    from surgeon.train import TrainSettings, check_vocab, token_blocks
-    from surgeon.train import train as run
+    from surgeon.quant import load_base
+    from surgeon.workflows.train import TrainSettings, check_vocab, token_blocks
+    from surgeon.workflows.train import train as run
 
     model = model or DEFAULT_MODEL
-    inputs = [_input_dir(model), data, heldout]
-    _check_adapter_out(output, inputs, force)
+    inputs = [input_dir(model), data, heldout]
+    check_adapter_out(output, inputs, force)
     targets = targets or (() if all_linear else BUILTIN_TARGETS.get(model, ()))
     settings = TrainSettings(steps=steps, lr=lr, batch_size=batch_size, seq_len=seq_len, seed=seed)
     tokenizer = load_tokenizer(model)
@@ -282,17 +106,19 @@ def train(model, data, heldout, targets, rank, alpha, dropout, all_linear, steps
         blocks, eval_blocks = blocks[:-cut], blocks[-cut:]
     eval_blocks = eval_blocks[:max(1, eval_blocks_n)]
     torch.manual_seed(seed)
-    base = _load_base(model, bits)
+    base = load_base(model, bits)
     for b, source in ((blocks, data or DEFAULT_DATA), (eval_blocks, heldout or data or DEFAULT_HELDOUT)):
         check_vocab(b, base.config.vocab_size, Path(source))
-    peft_model = get_peft_model(base, _config(targets, rank, alpha, dropout, all_linear, _base_name(model)))
+    peft_model = get_peft_model(base, lora_config(targets, rank, alpha, dropout, all_linear, base_name(model)))
     peft_model.print_trainable_parameters()
     click.echo(f"data: {len(blocks)} training blocks, {len(eval_blocks)} held-out blocks of {seq_len} tokens")
     result = run(peft_model, blocks, eval_blocks, settings)
     before, after = result["heldout_loss_before"], result["heldout_loss_after"]
     click.echo(f"held-out loss: {before:.4f} -> {after:.4f} ({100 * (after - before) / before:+.1f}%)")
-    _write_adapter(peft_model, output, inputs, force)
+    write_adapter(peft_model, output, inputs, force)
     click.echo(f"wrote adapter to {output}")
+
+
 
 
 @main.command()
@@ -312,8 +138,8 @@ def train(model, data, heldout, targets, rank, alpha, dropout, all_linear, steps
 @friendly
 def fold(model, adapter_dirs, output, weights, dtype, fmt, kv_cache, bits, requantize, force):
     """Fold ADAPTER_DIRS into MODEL's weights and write a checkpoint AutoModel*.from_pretrained loads."""
-    _quiet()
-    from surgeon.checkpoint import fold_checkpoint, fold_onnx
+    quiet()
+    from surgeon.workflows.checkpoint import fold_checkpoint, fold_onnx
 
     try:
         parsed = [float(w) for w in weights.split(",")] if weights else None
@@ -327,7 +153,7 @@ def fold(model, adapter_dirs, output, weights, dtype, fmt, kv_cache, bits, requa
                                      "first (surgeon fold MODEL ADAPTER --bits N -o MERGED), then export MERGED")
         if dtype:
             raise click.BadParameter("--dtype applies to --format hf; ONNX exports are fp32")
-        out = fold_onnx(model, adapter_dirs, output, weights=parsed, force=force, source=_base_name(model),
+        out = fold_onnx(model, adapter_dirs, output, weights=parsed, force=force, source=base_name(model),
                         kv_cache=kv_cache)
         click.echo(f"wrote merged ONNX model to {out}")
         return
@@ -346,17 +172,6 @@ def fold(model, adapter_dirs, output, weights, dtype, fmt, kv_cache, bits, requa
     click.echo(f"wrote merged checkpoint to {out}")
 
 
-def _adapter_names(adapter_dirs, names):
-    from surgeon.adapters import check_name
-
-    names = [check_name(n, "--name") for n in names] or [check_name(Path(d).resolve().name, f"the name of {d}")
-                                                       for d in adapter_dirs]
-    if len(names) != len(adapter_dirs):
-        raise click.BadParameter(f"{len(names)} --name values for {len(adapter_dirs)} adapter directories")
-    if len(set(names)) != len(names):
-        raise click.BadParameter(f"adapter names {names} repeat; give each one with --name")
-    return names
-
 
 @main.command()
 @click.argument("model")
@@ -372,23 +187,22 @@ def _adapter_names(adapter_dirs, names):
 @friendly
 def export(model, adapter_dirs, output, names, merged, kv_cache, bits, force):
     """Export MODEL with ADAPTER_DIRS to ONNX: adapter weights as inputs + .onnx_adapter files."""
-    _quiet()
+    quiet()
+    from surgeon.adapters import read_adapter_dir
     from surgeon.model import SurgeonModel
     from surgeon.onnx.export import export_onnx
+    from surgeon.quant import load_base
 
-    names = _adapter_names(adapter_dirs, names)
-    from surgeon.adapters import read_adapter_dir
-    from surgeon.outputs import check_out
-
-    check_out(output, [_input_dir(model), *adapter_dirs], force=force)
+    names = adapter_names(adapter_dirs, names)
+    check_out(output, [input_dir(model), *adapter_dirs], force=force)
 
     config, _ = read_adapter_dir(adapter_dirs[0])
-    base = _load_base(model, bits, task=config.task_type.value if config.task_type else None)
+    base = load_base(model, bits, task=config.task_type.value if config.task_type else None)
     peft_model = SurgeonModel.from_pretrained(base, adapter_dirs[0], adapter_name=names[0])
     for name, directory in zip(names[1:], adapter_dirs[1:]):
         peft_model.load_adapter(directory, adapter_name=name)
     out = export_onnx(peft_model, output, names, merged=merged, force=force,
-                      source=_base_name(model),
+                      source=base_name(model),
                       adapter_sources=dict(zip(names, adapter_dirs)), kv_cache=kv_cache)
     what = f"merged adapter {names[0]}" if merged else f"adapters {', '.join(names)}"
     click.echo(f"wrote {out} ({what}{', with KV cache' if kv_cache else ''})")
@@ -411,8 +225,8 @@ def export(model, adapter_dirs, output, names, merged, kv_cache, bits, force):
 @friendly
 def generate(model, adapters, with_base, prompt, max_new_tokens, sample, temperature, top_k, top_p, seed, bits):
     """Continue PROMPT with MODEL (a model or an `surgeon export --kv-cache` directory), streaming the text."""
-    _quiet()
-    from surgeon.textgen import generate_text
+    quiet()
+    from surgeon.workflows.textgen import generate_text
 
     if not prompt:
         raise click.BadParameter("the prompt is empty; give the text to continue", param_hint="--prompt")
@@ -429,16 +243,6 @@ def generate(model, adapters, with_base, prompt, max_new_tokens, sample, tempera
         click.echo()
 
 
-def _adapter_pairs(values) -> dict[str, str]:
-    pairs = {}
-    for value in values:
-        name, sep, directory = value.partition("=")
-        if not sep or not name or not directory:
-            raise click.BadParameter(f"{value!r}: give NAME=PEFT_DIR (the adapter's name in the export, its source "
-                                     "directory)", param_hint="--adapter")
-        pairs[name] = directory
-    return pairs
-
 
 @main.command()
 @click.argument("out_dir", type=click.Path())
@@ -447,16 +251,15 @@ def _adapter_pairs(values) -> dict[str, str]:
               help="The source PEFT directory of adapter NAME (default: the one recorded at export). Repeat.")
 @click.option("--strict", is_flag=True, help="A comparison that cannot be made (no source, no reference) fails.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write a machine-readable report here.")
-@click.option("--atol", default=1e-4, show_default=True, type=float, callback=_finite(0), help="Max |ORT - torch| on logits.")
+@click.option("--atol", default=1e-4, show_default=True, type=float, callback=finite(0), help="Max |ORT - torch| on logits.")
 @friendly
 def check(out_dir, reference, adapter_sources, strict, json_path, atol):
     """Check an export for CI: exit 0 pass, 1 a check failed, 2 bad invocation (not an export, bad options)."""
-    _quiet()
-    from surgeon.checks import run_checks
-    from surgeon.outputs import atomic_write_bytes, check_file_target
+    quiet()
+    from surgeon.workflows.checks import run_checks
 
     target = check_file_target(Path(json_path)) if json_path else None  # refused before any check runs
-    report = run_checks(out_dir, reference=reference, atol=atol, adapters=_adapter_pairs(adapter_sources),
+    report = run_checks(out_dir, reference=reference, atol=atol, adapters=adapter_pairs(adapter_sources),
                         strict=strict)
     click.echo(report.text())
     if target:
@@ -469,10 +272,8 @@ def check(out_dir, reference, adapter_sources, strict, json_path, atol):
 @friendly
 def inspect(adapter_dir):
     """Print an adapter's config, its targets (rank, alpha, norm of scale*B@A) and its file size."""
-    from surgeon.inspect import describe_adapter
+    from surgeon.workflows.inspect import describe_adapter
 
     click.echo(describe_adapter(adapter_dir))
 
 
-if __name__ == "__main__":
-    main()

@@ -7,32 +7,24 @@ into place; never over an input); the base directory is only read.
 from __future__ import annotations
 
 import os
-import shutil
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
-from surgeon.errors import OutputError, SurgeonError  # noqa: F401 (OutputError: re-exported)
-from surgeon.outputs import write_dir_atomically
+import torch
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
-                   "tokenizer.model", "vocab.txt", "added_tokens.json", "chat_template.jinja")
-
-
-def copy_tokenizer_files(source: Path, target: Path) -> list[str]:
-    copied = []
-    for name in TOKENIZER_FILES:
-        if (source / name).is_file():
-            shutil.copy2(source / name, target / name)
-            copied.append(name)
-    return copied
+from surgeon.adapters import read_adapter_dir
+from surgeon.errors import SurgeonError
+from surgeon.hub import copy_tokenizer_files, model_dir
+from surgeon.model import SurgeonModel
+from surgeon.onnx.export import export_onnx
+from surgeon.outputs import check_out, write_dir_atomically
+from surgeon.quant import load_base, requantize_checkpoint
 
 
 def load_with_adapters(model: str, adapter_dirs: Sequence[str], weights: Sequence[float] | None = None,
                        bits: int | None = None):
     """``(SurgeonModel, name)``: the base with each adapter, and the one to fold (a weighted sum when several)."""
-    from surgeon.adapters import read_adapter_dir
-    from surgeon.hub import load_model
-
     if not adapter_dirs:
         raise SurgeonError("fold needs at least one adapter directory")
     weights = list(weights) if weights else [1.0] * len(adapter_dirs)
@@ -40,20 +32,12 @@ def load_with_adapters(model: str, adapter_dirs: Sequence[str], weights: Sequenc
         raise SurgeonError(f"--weights has {len(weights)} values for {len(adapter_dirs)} adapters")
     first_config, _ = read_adapter_dir(adapter_dirs[0])
     task = first_config.task_type.value if first_config.task_type else None
-    if bits:
-        from surgeon.quant import load_quantized
-
-        base = load_quantized(model, bits=bits, task=task)
-    else:
-        base = load_model(model, task=task)
-    return with_adapters(base, adapter_dirs, weights)
+    return with_adapters(load_base(model, bits, task=task), adapter_dirs, weights)
 
 
 def with_adapters(base, adapter_dirs: Sequence[str], weights: Sequence[float]):
     """``(SurgeonModel, name)`` on ``base``: adapters ``a0``, ``a1``, ... and, when several or weighted, their exact
     weighted sum ``merged``, active. What fold writes and what check rebuilds from a fold's recipe."""
-    from surgeon.model import SurgeonModel
-
     weights = list(weights)
     peft_model = SurgeonModel.from_pretrained(base, adapter_dirs[0], adapter_name="a0")
     for i, d in enumerate(adapter_dirs[1:], start=1):
@@ -74,13 +58,6 @@ def fold_checkpoint(model: str, adapter_dirs: Sequence[str], out: str | os.PathL
     ``bits`` loads the base quantized as the adapter was trained (QLoRA); the merge then goes into the
     dequantized weights, so the checkpoint is float (``dtype``, default the compute dtype fp32).
     """
-    import warnings
-
-    import torch
-
-    from surgeon.hub import model_dir
-    from surgeon.outputs import check_out
-
     check_out(out, [model_dir(model), *adapter_dirs], force=force)  # before the minutes of loading and merging
     peft_model, _ = load_with_adapters(model, adapter_dirs, weights, bits=bits)
     with warnings.catch_warnings():
@@ -107,8 +84,6 @@ def fold_checkpoint(model: str, adapter_dirs: Sequence[str], out: str | os.PathL
 
 def check_cast(model, dtype) -> None:
     """Refuse a cast that would turn finite weights into inf (float16 tops out at 65504), naming the modules."""
-    import torch
-
     if not dtype.is_floating_point:
         return
     limit = torch.finfo(dtype).max
@@ -126,54 +101,14 @@ def check_cast(model, dtype) -> None:
                            "or use bfloat16 (float32's range)")
 
 
-def requantize_checkpoint(merged, out: Path, *, bits: int) -> dict:
-    """Save ``merged`` quantized again (transformers' bitsandbytes serialization, loadable with
-    ``from_pretrained``) and return the relative error each quantized weight picked up."""
-    import tempfile
-
-    import torch
-    import transformers
-    from bitsandbytes.functional import dequantize_4bit
-
-    with tempfile.TemporaryDirectory(dir=out.parent) as staging:
-        merged.save_pretrained(staging, safe_serialization=True)
-        config = transformers.BitsAndBytesConfig(
-            load_in_4bit=bits == 4, load_in_8bit=bits == 8, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.float32)
-        quantized = transformers.AutoModelForCausalLM.from_pretrained(staging, quantization_config=config,
-                                                                      device_map="cpu")
-        quantized.save_pretrained(out, safe_serialization=True)
-    floats = dict(merged.named_modules())
-    errors = {}
-    for path, module in quantized.named_modules():
-        weight = getattr(module, "weight", None)
-        state = getattr(weight, "quant_state", None)
-        scb = getattr(weight, "SCB", None)
-        if state is None and scb is None:
-            continue
-        w = floats[path].weight.detach().float()
-        if type(floats[path]).__name__ == "Conv1D":
-            w = w.t()
-        back = dequantize_4bit(weight.data, state).float() if state is not None else \
-            weight.data.float() * (scb.float() / 127).unsqueeze(1)
-        errors[path] = float((back - w).norm() / w.norm().clamp_min(1e-12))
-    worst = max(errors, key=errors.get) if errors else None
-    return {"bits": bits, "layers": len(errors), "mean_relative_error": sum(errors.values()) / max(len(errors), 1),
-            "max_relative_error": errors.get(worst, 0.0), "worst_layer": worst}
-
-
 def fold_onnx(model: str, adapter_dirs: Sequence[str], out: str | os.PathLike, *,
               weights: Sequence[float] | None = None, force: bool = False, source: str | None = None,
               kv_cache: bool = False) -> Path:
     """Like ``fold_checkpoint`` but writes a merged ONNX export (the fold pass, then the exporter)."""
-    from surgeon.hub import model_dir
-    from surgeon.onnx.export import export_onnx
-    from surgeon.outputs import check_out
-
     check_out(out, [model_dir(model), *adapter_dirs], force=force)
     peft_model, name = load_with_adapters(model, adapter_dirs, weights)
     sources = {name: adapter_dirs[0]} if name == "a0" else None
     recipe = None if name == "a0" else {"adapters": [str(Path(d).resolve()) for d in adapter_dirs],
                                         "weights": [float(w) for w in (weights or [1.0] * len(adapter_dirs))]}
     return export_onnx(peft_model, out, [name], merged=True, force=force, source=source or model, adapter_sources=sources,
-                       kv_cache=kv_cache, _merge_recipe=recipe)
+                       kv_cache=kv_cache, merge_recipe=recipe)

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import torch
 
-from surgeon.adapters import CONFIG_NAME, WEIGHTS_NAME, parse_peft_key, read_adapter_dir
+from surgeon.adapters import read_adapter_dir
+from surgeon.names import CONFIG_NAME, WEIGHTS_NAME, parse_peft_key
 
 
 def describe_adapter(directory: str) -> str:

@@ -8,6 +8,7 @@ import random
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from surgeon.errors import DataError
 
@@ -57,8 +58,6 @@ def mean_loss(model, blocks: torch.Tensor, batch_size: int) -> float:
 
 def train(model, train_blocks: torch.Tensor, eval_blocks: torch.Tensor, settings: TrainSettings, *, progress: bool = True) -> dict:
     """AdamW with linear decay on ``model``'s trainable parameters; returns losses before and after."""
-    from tqdm.auto import tqdm
-
     torch.manual_seed(settings.seed)
     rng = random.Random(settings.seed)
     params = [p for p in model.parameters() if p.requires_grad]

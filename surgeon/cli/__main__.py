@@ -1,0 +1,3 @@
+from surgeon.cli.commands import main
+
+main()

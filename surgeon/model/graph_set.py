@@ -1,0 +1,72 @@
+"""The injected graphs of one model: one per call signature plus the decode graph, each made on first
+use by one path (capture, then attach every adapter the model owns, in the order they were added)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+from torch import fx, nn
+
+from surgeon.capturing import DECODE_KEY, capture, capture_decoder
+from surgeon.config import LoraConfig
+from surgeon.matching import match
+from surgeon.model.adapter_state import AdapterState
+from surgeon.passes.lora import attach
+
+
+class GraphSet:
+    def __init__(self, base: nn.Module, state: AdapterState):
+        self.base, self.state = base, state
+        self.graphs: dict[tuple, fx.GraphModule] = {}
+        self.training = True
+
+    def __contains__(self, sig: tuple) -> bool:
+        return sig in self.graphs
+
+    def __len__(self) -> int:
+        return len(self.graphs)
+
+    def __iter__(self) -> Iterator[fx.GraphModule]:
+        return iter(list(self.graphs.values()))
+
+    def any(self) -> fx.GraphModule:
+        """Some graph of the model (the default signature's, captured if there is none yet)."""
+        if not self.graphs:
+            self._store(None, capture(self.base))
+        return next(iter(self.graphs.values()))
+
+    def get(self, sig: tuple, call: dict) -> fx.GraphModule:
+        if sig not in self.graphs:
+            self._store(sig, capture(self.base, call))
+        return self.graphs[sig]
+
+    def decoder(self) -> fx.GraphModule:
+        if DECODE_KEY not in self.graphs:
+            graph, _ = capture_decoder(self.base)
+            self._store(DECODE_KEY, graph)
+        return self.graphs[DECODE_KEY]
+
+    def _store(self, sig: tuple | None, captured: fx.GraphModule) -> None:
+        graph = captured
+        for config in self.state.configs.values():
+            graph = attach(graph, match(graph, config), self.state.registry())
+        graph.train(self.training)
+        self.graphs[sig if sig is not None else graph.meta["surgeon"].signature] = graph
+
+    def attach_new(self, config: LoraConfig) -> None:
+        """Every graph calls the adapter just added to the state (new graphs; the old ones are dropped)."""
+        for sig, graph in list(self.graphs.items()):
+            self.graphs[sig] = attach(graph, match(graph, config), self.state.registry())
+
+    def clear(self) -> None:
+        """Drop every graph (the base's tensors changed identity): capture again on next use."""
+        self.graphs.clear()
+
+    def train(self, mode: bool) -> None:
+        self.training = mode
+        for graph in self.graphs.values():
+            graph.train(mode)
+
+    def apply(self, fn: Callable, recurse: bool) -> None:
+        for graph in self.graphs.values():
+            graph._apply(fn, recurse)  # idempotent for shared tensors; moves graph-only constants

@@ -1,0 +1,135 @@
+"""Every name surgeon writes or reads, derived in one place (no torch, no numpy).
+
+A module path such as ``transformer.h.0.attn.c_attn`` becomes: the graph attribute of its LoRA
+layer, the safetensors keys PEFT uses for its A and B, and the ONNX inputs that take them. The
+export directory's file names, the KV-cache inputs and outputs, and the PEFT file names live here
+too. Other modules ask for a name; none rebuilds one by editing another name's string.
+"""
+
+from __future__ import annotations
+
+# ---- graph attributes ------------------------------------------------------------------------
+LORA_ROOT = "surgeon_lora"  # LoraLayer modules, one per target module
+SAVED_ROOT = "surgeon_saved"  # SavedTensor modules, one per modules_to_save parameter
+FOLDED_ROOT = "surgeon_folded"  # weights the fold pass wrote
+DROPOUT_PREFIX = "surgeon_dropout_"  # mode-aware dropout modules made at capture
+
+
+def _mangle(path: str) -> str:
+    return path.replace(".", "__")
+
+
+def layer_attr(path: str) -> str:
+    """Graph attribute of the LoRA layer for the module at ``path``."""
+    return f"{LORA_ROOT}.{_mangle(path)}"
+
+
+def saved_attr(param_path: str) -> str:
+    """Graph attribute of the trainable copies of parameter ``param_path`` (modules_to_save)."""
+    return f"{SAVED_ROOT}.{_mangle(param_path)}"
+
+
+def folded_attr(path: str, site: str) -> str:
+    """Graph attribute of the merged weight the fold pass wrote for one call site of ``path``."""
+    return f"{FOLDED_ROOT}.{_mangle(path)}.{site}"
+
+
+def folded_saved_attr(param_path: str) -> str:
+    """Graph attribute of the frozen modules_to_save copy a fold wrote."""
+    return f"{FOLDED_ROOT}.saved.{_mangle(param_path)}"
+
+
+def restored_attr(path: str, site: str) -> str:
+    """Graph attribute of the base weight ``unfold`` put back (when it had to be recomputed)."""
+    return f"{FOLDED_ROOT}.restored.{_mangle(path)}.{site}"
+
+
+def dropout_attr(index: int) -> str:
+    return f"{DROPOUT_PREFIX}{index}"
+
+
+# ---- PEFT's adapter directory ------------------------------------------------------------------
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PICKLE_WEIGHTS_NAME = "adapter_model.bin"  # refused: surgeon loads no pickle
+PEFT_PREFIX = "base_model.model."
+_PEFT_PARTS = {"linear": ("lora_A.weight", "lora_B.weight"), "conv1d": ("lora_A.weight", "lora_B.weight"),
+               "embedding": ("lora_embedding_A", "lora_embedding_B")}
+
+
+def peft_keys(path: str, kind: str) -> tuple[str, str]:
+    """PEFT's safetensors keys for A and B of the module at ``path``."""
+    a, b = _PEFT_PARTS[kind]
+    return f"{PEFT_PREFIX}{path}.{a}", f"{PEFT_PREFIX}{path}.{b}"
+
+
+def peft_saved_key(param_path: str) -> str:
+    """PEFT's key for a modules_to_save parameter (``base_model.model.<module>.<param>``)."""
+    return f"{PEFT_PREFIX}{param_path}"
+
+
+def parse_peft_key(key: str) -> tuple[str, str]:
+    """``(module path, part)`` of a PEFT key; part is 'A', 'B', or the parameter name of a saved module."""
+    body = key.removeprefix(PEFT_PREFIX)
+    for a, b in set(_PEFT_PARTS.values()):
+        for suffix, part in ((a, "A"), (b, "B")):
+            if body.endswith("." + suffix):
+                return body[: -len(suffix) - 1], part
+    path, _, name = body.rpartition(".")
+    return path, name
+
+
+# ---- model directories -------------------------------------------------------------------------
+MODEL_CONFIG = "config.json"
+MODEL_WEIGHTS = "model.safetensors"
+MODEL_INDEX = "model.safetensors.index.json"
+MODEL_FILES = (MODEL_CONFIG, MODEL_WEIGHTS, MODEL_INDEX, "pytorch_model.bin")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
+                   "tokenizer.model", "vocab.txt", "added_tokens.json", "chat_template.jinja")
+
+# ---- export directory ------------------------------------------------------------------------
+MANIFEST = "manifest.json"
+MANIFEST_FORMAT = "surgeon-onnx/1"
+MODEL_FILE = "model.onnx"
+ADAPTER_DIR = "adapters"
+ADAPTER_SUFFIX = ".onnx_adapter"
+EXTERNAL_DATA_SUFFIX = ".data"  # model.onnx.data beside model.onnx for large models
+_ONNX_PARTS = ("lora_A.weight", "lora_B.weight")
+
+
+def adapter_file(name: str) -> str:
+    """Path of adapter ``name``'s file inside an export."""
+    return f"{ADAPTER_DIR}/{name}{ADAPTER_SUFFIX}"
+
+
+def onnx_input_names(path: str) -> tuple[str, str]:
+    """ONNX graph inputs for A [in, lora_r] and B [lora_r, out] of the module at ``path``."""
+    return f"{path}.{_ONNX_PARTS[0]}", f"{path}.{_ONNX_PARTS[1]}"
+
+
+def parse_onnx_input(name: str) -> tuple[str, str] | None:
+    """``(module path, 'A' or 'B')`` of an adapter input name; None for any other input."""
+    for suffix, part in zip(_ONNX_PARTS, ("A", "B")):
+        if name.endswith("." + suffix):
+            return name[: -len(suffix) - 1], part
+    return None
+
+
+# ---- the KV cache of a decoder export (the names optimum and onnxruntime-genai use) -------------
+DECODER_INPUTS = ("input_ids", "attention_mask", "position_ids")
+LOGITS = "logits"
+
+
+def past_names(layers: int) -> list[str]:
+    """``past_key_values.{i}.key`` / ``.value``, layer by layer."""
+    return [f"past_key_values.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
+
+
+def present_names(layers: int) -> list[str]:
+    """``present.{i}.key`` / ``.value``, in the order of ``past_names``."""
+    return [f"present.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
+
+
+def past_of_present(layers: int) -> dict[str, str]:
+    """Each present output's name -> the past input it feeds on the next step."""
+    return dict(zip(present_names(layers), past_names(layers)))

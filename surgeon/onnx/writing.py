@@ -1,0 +1,146 @@
+"""What an export directory holds besides the traced graph: named dims and rank-0 defaults in ``model.onnx``,
+one ``.onnx_adapter`` per adapter, and ``manifest.json``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper
+
+from surgeon.capturing.decoder import context_length
+from surgeon.names import (
+    ADAPTER_DIR,
+    LOGITS,
+    MANIFEST,
+    MANIFEST_FORMAT,
+    MODEL_FILE,
+    adapter_file,
+    onnx_input_names,
+    present_names,
+)
+from surgeon.onnx.manifest import file_digest
+from surgeon.passes.inputs import LoraInput, adapter_tensors
+
+EXTERNAL_DATA_BYTES = 1 << 30  # above this much weight, write model.onnx.data beside model.onnx
+
+
+def save_model(program, path: Path, loras: tuple[LoraInput, ...], base, kv_layers: int = 0) -> None:
+    """Save, then name the rank dims ``lora_r`` (and the cache dims) and add the rank-0 default initializers."""
+    weight_bytes = sum(p.numel() * p.element_size() for p in base.parameters())
+    program.save(str(path), external_data=weight_bytes > EXTERNAL_DATA_BYTES)
+    proto = onnx.load(str(path), load_external_data=False)
+    lora_names = {n for lo in loras for n in onnx_input_names(lo.path)}
+    for value in proto.graph.input:
+        if value.name in lora_names:
+            for dim in value.type.tensor_type.shape.dim:
+                if dim.dim_param:
+                    dim.dim_param = "lora_r"
+    if kv_layers:
+        _name_cache_dims(proto, kv_layers)
+    for lo in loras:
+        name_a, name_b = onnx_input_names(lo.path)
+        proto.graph.initializer.append(helper.make_tensor(name_a, TensorProto.FLOAT, [lo.in_features, 0], []))
+        proto.graph.initializer.append(helper.make_tensor(name_b, TensorProto.FLOAT, [0, lo.out_features], []))
+    onnx.save(proto, str(path))
+
+
+def _name_cache_dims(proto, layers: int) -> None:
+    """Readable dims: ``total_sequence`` for the mask's length and the presents' length."""
+    values = {v.name: v for v in list(proto.graph.input) + list(proto.graph.output)}
+
+    def name(value_name: str, axis: int, label: str) -> None:
+        dim = values[value_name].type.tensor_type.shape.dim[axis]
+        dim.ClearField("dim_value")
+        dim.dim_param = label
+
+    name("attention_mask", 1, "total_sequence")
+    name(LOGITS, 0, "batch")
+    name(LOGITS, 1, "sequence")
+    for n in present_names(layers):
+        name(n, 0, "batch")
+        name(n, 2, "total_sequence")
+
+
+def write_adapters(model, names: list[str], loras: tuple[LoraInput, ...], out: Path,
+                   rename: dict[str, str]) -> dict[str, dict]:
+    """One ``.onnx_adapter`` per adapter (ONNX Runtime's format) under ``out``; returns manifest entries."""
+    (out / ADAPTER_DIR).mkdir(parents=True, exist_ok=True)
+    layers = {layer.path: layer for layer in model.adapter_state.lora_layers()}
+    written = {}
+    for name in names:
+        params, targets, ranks = {}, [], set()
+        for lo in loras:
+            layer = layers[lo.path]
+            if name not in layer.adapters:
+                continue  # that module keeps its rank-0 default: no change there
+            a, b = adapter_tensors(layer, name)
+            name_a, name_b = onnx_input_names(lo.path)
+            params[name_a] = ort.OrtValue.ortvalue_from_numpy(a.numpy())
+            params[name_b] = ort.OrtValue.ortvalue_from_numpy(b.numpy())
+            targets.append(lo.path)
+            ranks.add(a.shape[1])
+        shown = rename.get(name, name)
+        fmt = ort.AdapterFormat()
+        fmt.set_adapter_version(1)
+        fmt.set_model_version(1)
+        fmt.set_parameters(params)
+        fmt.export_adapter(str(out / adapter_file(shown)))
+        written[shown] = {"file": adapter_file(shown), "targets": targets, "ranks": sorted(ranks),
+                          "config": model.peft_config[name].to_peft_dict()}
+    return written
+
+
+def generation_facts(base, layout) -> dict[str, Any]:
+    """What ``AdapterSession.generate`` needs besides the graph: cache shapes, special tokens, context length."""
+    config = base.config
+    gen = getattr(base, "generation_config", None)
+
+    def ids(value):
+        if value is None:
+            return []
+        return [int(v) for v in (value if isinstance(value, (list, tuple)) else [value])]
+
+    eos = ids(getattr(gen, "eos_token_id", None)) or ids(getattr(config, "eos_token_id", None))
+    pad = ids(getattr(gen, "pad_token_id", None)) or ids(getattr(config, "pad_token_id", None))
+    return {"layers": layout.layers, "kv_heads": list(layout.key_heads), "key_dim": list(layout.key_dims),
+            "value_dim": list(layout.value_dims), "cache_dtype": str(layout.dtype).removeprefix("torch."),
+            "eos_token_id": eos, "pad_token_id": pad[0] if pad else None, "context_length": context_length(base),
+            "vocab_size": int(getattr(config, "vocab_size", 0) or 0) or None}
+
+
+def _describe(values) -> list[dict]:
+    out = []
+    for v in values:
+        t = v.type.tensor_type
+        out.append({"name": v.name, "dtype": TensorProto.DataType.Name(t.elem_type).lower(),
+                    "shape": [d.dim_param or d.dim_value for d in t.shape.dim]})
+    return out
+
+
+def write_manifest(directory: Path, model, loras, adapters: dict, *, merged: str | None, source: str | None,
+                   tokenizer: bool, kv_cache: bool, extra: dict | None = None) -> None:
+    proto = onnx.load(str(directory / MODEL_FILE), load_external_data=False)
+    lora_names = {n for lo in loras for n in onnx_input_names(lo.path)}
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "model": MODEL_FILE,
+        "opset": next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None),
+        "source": {"model": source, "class": type(model.base).__name__,
+                   "model_type": getattr(model.base.config, "model_type", None)},
+        "inputs": [v for v in _describe(proto.graph.input) if v["name"] not in lora_names],
+        "outputs": _describe(proto.graph.output),
+        "lora_inputs": [{"path": lo.path, "kind": lo.kind, "in": lo.in_features, "out": lo.out_features,
+                         "a": onnx_input_names(lo.path)[0], "b": onnx_input_names(lo.path)[1]} for lo in loras],
+        "adapters": adapters,
+        "merged_adapter": merged,
+        "kv_cache": kv_cache,
+        "tokenizer": tokenizer,
+        **(extra or {}),
+        "files": {p.relative_to(directory).as_posix(): file_digest(p) for p in sorted(directory.rglob("*"))
+                  if p.is_file() and p.name != MANIFEST},
+    }
+    (directory / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
