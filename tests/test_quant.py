@@ -266,3 +266,30 @@ def test_fold_can_requantize_and_reports_the_error(tmp_path):
     assert 0.0 < mean < 0.2  # nf4 of a merged weight: a few percent
     again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "m", device_map="cpu")
     assert type(again.transformer.h[0].attn.c_attn).__name__ == "Linear4bit"  # loads quantized, as saved
+
+
+@pytest.mark.parametrize("in_features, quant_type", [(64, "nf4"), (40, "nf4"), (128, "fp4")])
+def test_translation_table_exports_the_packed_layer_exactly(in_features, quant_type):
+    """The translation of one quantized linear: MatMulBnb4 over bitsandbytes' own blocks, or (input size not a
+    multiple of the block size) the exact dequantized weight as a float MatMul; ORT equals torch within 1e-4."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from surgeon.quant import QuantSpec
+    from surgeon.quant.to_onnx import TRANSLATION, finish
+
+    torch.manual_seed(0)
+    layer = QuantLinear.from_weight(torch.randn(48, in_features), torch.randn(48),
+                                    QuantSpec(bits=4, quant_type=quant_type, double_quant=quant_type == "nf4"))
+    x = torch.randn(2, 5, in_features)
+    dims = {0: torch.export.Dim("batch"), 1: torch.export.Dim("seq")}
+    holder = torch.nn.Sequential(layer).eval()  # nested, as in a model (a root buffer named `code` meets fx's)
+    program = torch.onnx.export(holder, (x,), dynamo=True, custom_translation_table=TRANSLATION,
+                                dynamic_shapes=(dims,), verbose=False)
+    finish(program.model)
+    ops = [n.op_type for n in program.model.graph]
+    assert ("MatMulBnb4" in ops) == (in_features % 64 == 0)
+    session = ort.InferenceSession(program.model_proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    with torch.no_grad():
+        assert np.abs(got - layer(x).numpy()).max() <= 1e-4
