@@ -1,6 +1,7 @@
 # make demo:        fine-tune the embedded tiny GPT-2 on the bundled text, show the loss drop, export it to ONNX with
 #                   a KV cache and generate through ONNX Runtime with the trained adapter and without it.
-# make test:        the whole test suite, in .venv made from requirements.lock (the tested set).
+# make test:        the whole test suite, in .venv made from requirements.lock (the tested set), one pytest worker
+#                   per core (pytest-xdist; a test file stays on one worker, so its fixtures are built once).
 # make lint:        the import contracts (pyproject's [tool.importlinter]: stages import only those below them,
 #                   the ONNX Runtime side never imports torch).
 # make test-latest: canary: .venv-latest with the newest releases (upper bounds ignored), quick parity subset.
@@ -35,7 +36,7 @@ demo: $(STAMP)
 	$(VENV)/bin/surgeon generate runs/demo-onnx --base --adapter demo-adapter --prompt "$(DEMO_PROMPT)" -n 30
 
 test: $(STAMP)
-	$(PY) -m pytest tests
+	$(PY) -m pytest tests -n auto --dist loadfile
 
 lint: $(STAMP)
 	$(VENV)/bin/lint-imports

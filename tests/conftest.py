@@ -15,6 +15,8 @@ import torch
 import transformers
 
 transformers.logging.set_verbosity_error()
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test` runs two workers on two cores: one thread each, no contention
+    torch.set_num_threads(1)
 
 V = 96  # vocabulary of every tiny model
 COMMON = dict(vocab_size=V, num_hidden_layers=2, num_attention_heads=4, hidden_size=32, intermediate_size=64,
