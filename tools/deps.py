@@ -28,7 +28,8 @@ LOCK = ROOT / "requirements.lock"
 TORCH = "torch==2.13.0"  # the CPU build this machine's pip finds on disk; held in every environment
 
 # The quick parity subset (GPT-2 and Llama): generation, fold, ONNX export + check, QLoRA, PEFT files both ways,
-# the argument checks that caught the last drift, and the gate: check failing broken exports, one-line exit codes.
+# the argument checks that caught the last drift, and the gate: check failing broken exports, one-line exit codes;
+# and what leans on internals: the quantized ops' ONNX translation (onnxscript), pass purity and the capture cache (fx).
 CANARY_TESTS = [
     "tests/test_arguments.py",
     "tests/test_generation.py::test_greedy_equals_peft_token_for_token",
@@ -41,6 +42,9 @@ CANARY_TESTS = [
     "tests/test_onnx.py::test_check_passes_and_catches_altered_weights",
     "tests/test_quant.py::test_qlora_matches_peft_logits_and_gradients",
     "tests/test_quant.py::test_onnx_export_keeps_the_packed_weights_and_float_adapters",
+    "tests/test_quant.py::test_translation_table_exports_the_packed_layer_exactly",
+    "tests/test_passes.py::test_every_pass_leaves_its_input_and_its_modules_unchanged",
+    "tests/test_passes.py::test_a_second_model_of_the_same_structure_reuses_the_trace_with_its_own_tensors",
     "tests/test_adapters.py::test_peft_file_loads_with_equal_logits",
     "tests/test_adapters.py::test_our_file_loads_in_peft_with_equal_logits",
     "tests/test_peft_parity.py::test_plain_loop_loss_curve_equals_peft",

@@ -18,7 +18,6 @@ import onnxscript
 import onnxscript.optimizer
 import torch
 from onnx.defs import OpSchema
-from onnx_ir.passes.common import RemoveUnusedNodesPass
 from onnxscript import ir
 from onnxscript import opset18 as op
 from torch import nn
@@ -123,7 +122,7 @@ def finish(model: ir.Model) -> None:
     ``<module path>.<role>`` instead of ``val_N``."""
     onnxscript.optimizer.fold_constants(model, output_size_limit=2**62,
                                         should_fold=lambda node: node.metadata_props.get(FOLD) == "1")
-    RemoveUnusedNodesPass()(model)
+    ir.passes.common.RemoveUnusedNodesPass()(model)
     left = sorted({n.op_type for n in model.graph if n.metadata_props.get(FOLD) == "1"})
     if left:
         raise RuntimeError(f"quantized ONNX export: nodes {left} computing the packed weights were not folded")
