@@ -8,8 +8,6 @@ failed check, not an exception: only "this is not an export directory" raises.
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import math
 from pathlib import Path
 
@@ -26,48 +24,9 @@ from surgeon.onnx.runtime import AdapterSession
 from surgeon.quant import load_base
 from surgeon.quant.to_onnx import CHECK_RTOL
 from surgeon.workflows.checkpoint import with_adapters
+from surgeon.workflows.report import Check, Report  # noqa: F401 (Check: part of the report API)
 
 DEFAULT_ATOL = 1e-4
-
-
-@dataclasses.dataclass
-class Check:
-    name: str
-    passed: bool | None
-    detail: str
-    value: float | None = None
-
-
-@dataclasses.dataclass
-class Report:
-    out_dir: str
-    atol: float
-    strict: bool = False
-    checks: list[Check] = dataclasses.field(default_factory=list)
-
-    @property
-    def passed(self) -> bool:
-        """No check failed; with ``strict``, also none was skipped."""
-        return all(c.passed is True or (c.passed is None and not self.strict) for c in self.checks)
-
-    def add(self, name: str, passed: bool | None, detail: str, value: float | None = None) -> Check:
-        check = Check(name, passed, detail, value)
-        self.checks.append(check)
-        return check
-
-    def to_json(self) -> str:
-        return json.dumps({"out_dir": self.out_dir, "atol": self.atol, "strict": self.strict, "passed": self.passed,
-                           "checks": [dataclasses.asdict(c) for c in self.checks]}, indent=2, allow_nan=False,
-                          default=str) + "\n"
-
-    def text(self) -> str:
-        mark = {True: "PASS", False: "FAIL", None: "FAIL" if self.strict else "SKIP"}
-        lines = [f"{mark[c.passed]}  {c.name}: {c.detail}" for c in self.checks]
-        failed = sum(c.passed is False or (c.passed is None and self.strict) for c in self.checks)
-        skipped = sum(c.passed is None for c in self.checks) if not self.strict else 0
-        lines.append(f"{len(self.checks) - failed - skipped} passed, {failed} failed"
-                     + (f", {skipped} could not run (--strict fails them)" if skipped else ""))
-        return "\n".join(lines)
 
 
 def run_checks(out_dir: str | Path, reference: str | None = None, atol: float = DEFAULT_ATOL, *,
@@ -175,6 +134,23 @@ def _numbers(manifest: dict, session: AdapterSession, reference: str | None, rep
         report.add("reference", None, "no reference model in the manifest; pass --reference MODEL")
         return
     merged = manifest.get("merged_adapter")
+    usable = _usable_sources(manifest, sources, report)
+    try:
+        ref = _reference_model(reference, manifest, usable)
+    except Exception as err:
+        report.add("reference", False, f"could not build the torch reference from {reference}: {' '.join(str(err).split())}")
+        return
+    cases = [(None, "base")] + [(name, f"adapter[{name}]") for name in sorted(manifest.get("adapters", {}))
+                                if name in usable]
+    if merged:
+        cases = [(merged, f"merged[{merged}]")] if merged in usable else []
+    for adapter, label in cases:
+        _compare(manifest, session, ref, adapter, label, report)
+
+
+def _usable_sources(manifest: dict, sources: dict[str, str | None], report: Report) -> dict:
+    """Adapter name -> its source directory (or a fold's recipe) where one is here; the others reported as not run."""
+    merged = manifest.get("merged_adapter")
     usable = {n: d for n, d in sources.items() if d and Path(d).is_dir()}
     recipe = manifest.get("merge_recipe")
     if merged and merged not in usable and _recipe_ok(recipe):
@@ -183,44 +159,38 @@ def _numbers(manifest: dict, session: AdapterSession, reference: str | None, rep
         why = f"its source {sources[name]} is not a directory here" if sources[name] else "no source directory recorded"
         report.add(f"{'merged' if merged else 'adapter'}[{name}]_vs_torch", None,
                    f"could not compare adapter {name!r} with torch: {why}; pass --adapter {name}=PEFT_DIR")
-    try:
-        ref = _reference_model(reference, manifest, usable)
-    except Exception as err:
-        report.add("reference", False, f"could not build the torch reference from {reference}: {' '.join(str(err).split())}")
-        return
+    return usable
+
+
+def _compare(manifest: dict, session: AdapterSession, ref, adapter: str | None, label: str, report: Report) -> None:
+    """ORT against torch for one adapter (None: the base) at two shapes, plus one decode step with a KV cache."""
     causal = manifest["source"].get("class", "").endswith(("ForCausalLM", "LMHeadModel"))
-    cases = [(None, "base")] + [(name, f"adapter[{name}]") for name in sorted(manifest.get("adapters", {}))
-                                if name in usable]
-    if merged:
-        cases = [(merged, f"merged[{merged}]")] if merged in usable else []
-    kv = bool(manifest.get("kv_cache"))
-    quantized = manifest.get("quantization")
-    for adapter, label in cases:
-        worst = step_worst = scale = 0.0
-        bad: list[str] = []
-        for b, s in ((1, 7), (3, 12)):
-            feeds = _feeds(getattr(ref, 'base', ref).config, session.input_names, b, s, causal)
-            run_adapter = None if merged else adapter
-            out = session.run({**feeds, **empty_past(manifest['generation'], b)} if kv else feeds, adapter=run_adapter)
-            bad += [f"ORT {k} at {b}x{s}" for k, v in out.items() if not np.isfinite(v).all()]
-            want = _torch_logits(ref, feeds, adapter)
-            bad += [f"torch logits at {b}x{s}"] if not np.isfinite(want).all() else []
-            scale = max(scale, float(np.abs(want).max()))
-            worst = max(worst, _max_diff(out[LOGITS], want, feeds["attention_mask"]))
-            if kv:
-                step_worst = max(step_worst, _decode_step_diff(session, ref, feeds, out, run_adapter, adapter))
-        tol, how = report.atol, f"atol {report.atol:g}"
-        if quantized:  # the export's own quantized ops: a tolerance relative to the logits' scale
-            rtol = CHECK_RTOL[quantized["bits"]]
-            tol, how = max(tol, rtol * scale), f"{quantized['bits']}-bit re-quantized: {rtol:g} x max |logit| {scale:.3g}"
-        if bad:
-            report.add(f"{label}_finite", False, f"non-finite values (NaN/Inf) in {', '.join(bad[:4])}")
-        report.add(f"{label}_vs_torch", worst <= tol,
-                   f"max |ORT - torch| = {worst:.3g} on real tokens ({how}, batch 1x7 and 3x12)", _finite_or_none(worst))
+    kv, quantized = bool(manifest.get("kv_cache")), manifest.get("quantization")
+    run_adapter = None if manifest.get("merged_adapter") else adapter
+    worst = step_worst = scale = 0.0
+    bad: list[str] = []
+    for b, s in ((1, 7), (3, 12)):
+        feeds = _feeds(getattr(ref, "base", ref).config, session.input_names, b, s, causal)
+        out = session.run({**feeds, **empty_past(manifest["generation"], b)} if kv else feeds, adapter=run_adapter)
+        bad += [f"ORT {k} at {b}x{s}" for k, v in out.items() if not np.isfinite(v).all()]
+        want = _torch_logits(ref, feeds, adapter)
+        bad += [f"torch logits at {b}x{s}"] if not np.isfinite(want).all() else []
+        scale = max(scale, float(np.abs(want).max()))
+        worst = max(worst, _max_diff(out[LOGITS], want, feeds["attention_mask"]))
         if kv:
-            report.add(f"{label}_decode_vs_torch", step_worst <= tol,
-                       f"one decode step on the KV cache: max |ORT - torch| = {step_worst:.3g} ({how})",
-                       _finite_or_none(step_worst))
+            step_worst = max(step_worst, _decode_step_diff(session, ref, feeds, out, run_adapter, adapter))
+    tol, how = report.atol, f"atol {report.atol:g}"
+    if quantized:  # the export's own quantized ops: a tolerance relative to the logits' scale
+        rtol = CHECK_RTOL[quantized["bits"]]
+        tol, how = max(tol, rtol * scale), f"{quantized['bits']}-bit packed weights: {rtol:g} x max |logit| {scale:.3g}"
+    if bad:
+        report.add(f"{label}_finite", False, f"non-finite values (NaN/Inf) in {', '.join(bad[:4])}")
+    report.add(f"{label}_vs_torch", worst <= tol,
+               f"max |ORT - torch| = {worst:.3g} on real tokens ({how}, batch 1x7 and 3x12)", _finite_or_none(worst))
+    if kv:
+        report.add(f"{label}_decode_vs_torch", step_worst <= tol,
+                   f"one decode step on the KV cache: max |ORT - torch| = {step_worst:.3g} ({how})",
+                   _finite_or_none(step_worst))
 
 
 def _recipe_ok(recipe) -> bool:
