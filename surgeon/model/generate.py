@@ -68,38 +68,47 @@ def graph_forward(model, graph, layout: CacheLayout):
     def forward(**kwargs):
         check_kwargs(f"{type(base).__name__}.forward (surgeon decode graph)", kwargs, valid,
                      "the decode graph takes only the arguments transformers' generate passes for a decoder")
-        for flag, allowed in FIXED_FLAGS.items():
-            if kwargs.get(flag) not in allowed:
-                raise GenerationError(f"{flag}={kwargs[flag]!r} is not supported by the decode graph "
-                                      f"(it returns logits and the cache only)")
-        input_ids, cache = kwargs.get("input_ids"), kwargs.get(name)
-        if kwargs.get("inputs_embeds") is not None and input_ids is None:
-            raise GenerationError("generate with inputs_embeds is not supported by the decode graph; pass input_ids")
-        if cache is not None and not isinstance(cache, DynamicCache):
-            raise GenerationError(f"the decode graph keeps a DynamicCache; got {type(cache).__name__} "
-                                  "(leave cache_implementation unset)")
-        cache = cache if cache is not None else DynamicCache()
+        cache = _check_step_call(kwargs, name)
+        input_ids = kwargs.get("input_ids")
         batch, seq = input_ids.shape
         past = flat_past(cache, layout, batch, input_ids.device)
-        total = past[0].shape[2] + seq
         attention_mask = kwargs.get("attention_mask")
         check_step(attention_mask, kwargs.get("cache_position"), past[0].shape[2], seq)
         if attention_mask is None:
-            attention_mask = torch.ones(batch, total, dtype=torch.long, device=input_ids.device)
+            attention_mask = torch.ones(batch, past[0].shape[2] + seq, dtype=torch.long, device=input_ids.device)
         position_ids = kwargs.get("position_ids")
         if position_ids is None:
             position_ids = positions_from_mask(attention_mask, seq)
         logits, presents = graph(input_ids=input_ids, attention_mask=attention_mask.long(), position_ids=position_ids,
                                  past=past)
         store_presents(cache, presents)
-        keep = kwargs.get("logits_to_keep") or 0
-        if isinstance(keep, int) and keep > 0:
-            logits = logits[:, -keep:]
-        elif isinstance(keep, torch.Tensor):
-            logits = logits[:, keep]
-        return CausalLMOutputWithPast(logits=logits, **{field: cache})
+        return CausalLMOutputWithPast(logits=_kept_logits(logits, kwargs.get("logits_to_keep")), **{field: cache})
 
     return forward
+
+
+def _check_step_call(kwargs: dict, name: str) -> DynamicCache:
+    """The flags the decode graph can honour, ids present, and the ``DynamicCache`` to use (a new one if none)."""
+    for flag, allowed in FIXED_FLAGS.items():
+        if kwargs.get(flag) not in allowed:
+            raise GenerationError(f"{flag}={kwargs[flag]!r} is not supported by the decode graph "
+                                  f"(it returns logits and the cache only)")
+    cache = kwargs.get(name)
+    if kwargs.get("inputs_embeds") is not None and kwargs.get("input_ids") is None:
+        raise GenerationError("generate with inputs_embeds is not supported by the decode graph; pass input_ids")
+    if cache is not None and not isinstance(cache, DynamicCache):
+        raise GenerationError(f"the decode graph keeps a DynamicCache; got {type(cache).__name__} "
+                              "(leave cache_implementation unset)")
+    return cache if cache is not None else DynamicCache()
+
+
+def _kept_logits(logits: torch.Tensor, keep) -> torch.Tensor:
+    """transformers' ``logits_to_keep``: the last ``keep`` positions (0: all), or the positions a tensor names."""
+    if isinstance(keep, int) and keep > 0:
+        return logits[:, -keep:]
+    if isinstance(keep, torch.Tensor):
+        return logits[:, keep]
+    return logits
 
 
 def check_step(attention_mask, cache_position, past_len: int, seq: int) -> None:
