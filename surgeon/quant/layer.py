@@ -118,11 +118,9 @@ def set_module(model: nn.Module, path: str, module: nn.Module) -> None:
 
 
 
-def dequantize(model: nn.Module, dtype: torch.dtype | None = None, *, as_linear: bool = False,
-               keep_config: bool = False) -> int:
-    """Replace every ``QuantLinear`` by the float layer it came from (``nn.Linear`` or ``Conv1D``; ``as_linear``:
-    always ``nn.Linear``), weights dequantized to ``dtype`` (default: the layer's compute dtype). Returns how many
-    were replaced."""
+def dequantize(model: nn.Module, dtype: torch.dtype | None = None) -> int:
+    """Replace every ``QuantLinear`` by the float layer it came from (``nn.Linear`` or ``Conv1D``), weights
+    dequantized to ``dtype`` (default: the layer's compute dtype). Returns how many were replaced."""
     count = 0
     for path, module in list(model.named_modules()):
         if not isinstance(module, QuantLinear):
@@ -130,7 +128,7 @@ def dequantize(model: nn.Module, dtype: torch.dtype | None = None, *, as_linear:
         dt = dtype or module.spec.compute_dtype
         w = module.dequantized(torch.float32)
         bias = module.bias.detach().to(dt) if module.bias is not None else None
-        if module.source == "Conv1D" and not as_linear:
+        if module.source == "Conv1D":
             layer = Conv1D(module.out_features, module.in_features)
             layer.weight = nn.Parameter(w.t().contiguous().to(dt), requires_grad=False)
             layer.bias = nn.Parameter(bias if bias is not None else torch.zeros(module.out_features, dtype=dt),
@@ -142,7 +140,7 @@ def dequantize(model: nn.Module, dtype: torch.dtype | None = None, *, as_linear:
                 layer.bias = nn.Parameter(bias, requires_grad=False)
         set_module(model, path, layer)
         count += 1
-    if not keep_config and hasattr(getattr(model, "config", None), "quantization_config"):
+    if hasattr(getattr(model, "config", None), "quantization_config"):
         del model.config.quantization_config
     return count
 
