@@ -2,6 +2,8 @@
 #                   a KV cache and generate through ONNX Runtime with the trained adapter and without it.
 # make test:        the whole test suite, in .venv made from requirements.lock (the tested set), one pytest worker
 #                   per core (pytest-xdist; a test file stays on one worker, so its fixtures are built once).
+# make clients:     .venv-genai and .venv-optimum from tools/clients/*.lock (onnxruntime-genai needs the onnxruntime
+#                   package, optimum-onnx pins transformers 4.x: neither fits .venv); the tests drive them in a subprocess.
 # make lint:        the import contracts (pyproject's [tool.importlinter]: stages import only those below them,
 #                   the ONNX Runtime side never imports torch).
 # make test-latest: canary: .venv-latest with the newest releases (upper bounds ignored), quick parity subset.
@@ -14,7 +16,7 @@ STAMP := $(VENV)/.installed-from-lock
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_VERBOSITY := error
 
-.PHONY: demo test lint test-latest test-floor lock venv bench clean
+.PHONY: demo test lint test-latest test-floor lock venv clients bench clean
 
 $(STAMP): requirements.lock pyproject.toml
 	rm -rf $(VENV)
@@ -35,7 +37,11 @@ demo: $(STAMP)
 	$(VENV)/bin/surgeon export tiny-gpt2 runs/demo-adapter -o runs/demo-onnx --kv-cache --force
 	$(VENV)/bin/surgeon generate runs/demo-onnx --base --adapter demo-adapter --prompt "$(DEMO_PROMPT)" -n 30
 
-test: $(STAMP)
+# the client venvs the tests drive in a subprocess (onnxruntime-genai, optimum); each kept while its lock is unchanged
+clients:
+	python3 tools/clients.py ensure all
+
+test: $(STAMP) clients
 	$(PY) -m pytest tests -n auto --dist loadfile
 
 lint: $(STAMP)
@@ -54,4 +60,4 @@ bench: $(STAMP)
 	$(PY) tools/bench/bench_train.py
 
 clean:
-	rm -rf runs .pytest_cache .venv-latest .venv-floor .venv-lock
+	rm -rf runs .pytest_cache .venv-latest .venv-floor .venv-lock .venv-genai .venv-optimum

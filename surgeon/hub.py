@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -12,7 +13,16 @@ from torch import nn
 from surgeon.bundled import ASSETS, BUILTIN  # noqa: F401 (ASSETS: where the examples find the bundled files)
 from surgeon.errors import ModelFileError, ModelNotFoundError, did_you_mean
 from surgeon.jsonfile import read_json
-from surgeon.names import CONFIG_NAME, MODEL_CONFIG, MODEL_INDEX, MODEL_WEIGHTS, TOKENIZER_FILES
+from surgeon.names import (
+    CONFIG_NAME,
+    GENERATION_CONFIG,
+    MODEL_CONFIG,
+    MODEL_INDEX,
+    MODEL_WEIGHTS,
+    TOKENIZER_CONFIG,
+    TOKENIZER_FILES,
+    TOKENIZER_JSON,
+)
 
 def model_dir(name: str) -> Path:
     """The directory for ``name``: a built-in name or an existing local directory with config.json."""
@@ -98,11 +108,46 @@ def load_tokenizer(name: str):
     return transformers.AutoTokenizer.from_pretrained(model_dir(name))
 
 
+# transformers 5 writes this class name, which 4.x cannot import; PreTrainedTokenizerFast reads the same
+# tokenizer.json in 4.x, loads as TokenizersBackend in 5.x, and onnxruntime-genai's tokenizer accepts it; 4.x also
+# needs the model's input names, or it returns token_type_ids that a decoder's generate refuses.
+PORTABLE_TOKENIZER_CLASS = {"TokenizersBackend": "PreTrainedTokenizerFast"}
+TOKENIZER_INPUTS = ("input_ids", "attention_mask")
+
+
 def copy_tokenizer_files(source: Path, target: Path) -> list[str]:
-    """Copy the tokenizer files ``source`` has into ``target``; returns their names."""
+    """Copy the tokenizer files ``source`` has into ``target``; returns their names.
+
+    ``tokenizer_config.json`` naming a class only transformers 5 knows gets the class both 4.x and 5.x (and
+    onnxruntime-genai) read; every other field and file is copied as is.
+    """
     copied = []
     for name in TOKENIZER_FILES:
-        if (source / name).is_file():
-            shutil.copy2(source / name, target / name)
-            copied.append(name)
+        if not (source / name).is_file():
+            continue
+        if name == TOKENIZER_CONFIG and (source / TOKENIZER_JSON).is_file():
+            config = read_json(source / name, ModelFileError, "restore it from the model's source")
+            if isinstance(config, dict) and config.get("tokenizer_class") in PORTABLE_TOKENIZER_CLASS:
+                config["tokenizer_class"] = PORTABLE_TOKENIZER_CLASS[config["tokenizer_class"]]
+                config.setdefault("model_input_names", list(TOKENIZER_INPUTS))  # 4.x would add token_type_ids
+                (target / name).write_text(json.dumps(config, indent=2) + "\n")
+                copied.append(name)
+                continue
+        shutil.copy2(source / name, target / name)
+        copied.append(name)
     return copied
+
+
+def write_model_config(model: nn.Module, source: Path | None, target: Path) -> list[str]:
+    """``config.json`` (and ``generation_config.json``) of the source model into ``target``: copied from
+    ``source`` when it has them, else written from the loaded model's config; returns the names written."""
+    written = []
+    for name, obj in ((MODEL_CONFIG, model.config), (GENERATION_CONFIG, getattr(model, "generation_config", None))):
+        if source is not None and (source / name).is_file():
+            shutil.copy2(source / name, target / name)
+        elif obj is not None:
+            (target / name).write_text(obj.to_json_string(use_diff=name == GENERATION_CONFIG))
+        else:
+            continue
+        written.append(name)
+    return written

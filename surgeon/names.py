@@ -84,13 +84,16 @@ MODEL_CONFIG = "config.json"
 MODEL_WEIGHTS = "model.safetensors"
 MODEL_INDEX = "model.safetensors.index.json"
 MODEL_FILES = (MODEL_CONFIG, MODEL_WEIGHTS, MODEL_INDEX, "pytorch_model.bin")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
+TOKENIZER_JSON, TOKENIZER_CONFIG = "tokenizer.json", "tokenizer_config.json"
+TOKENIZER_FILES = (TOKENIZER_JSON, TOKENIZER_CONFIG, "special_tokens_map.json", "vocab.json", "merges.txt",
                    "tokenizer.model", "vocab.txt", "added_tokens.json", "chat_template.jinja")
 
 # ---- export directory ------------------------------------------------------------------------
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "surgeon-onnx/1"
 MODEL_FILE = "model.onnx"
+GENAI_CONFIG = "genai_config.json"  # onnxruntime-genai's description of a KV-cache export
+GENERATION_CONFIG = "generation_config.json"
 ADAPTER_DIR = "adapters"
 ADAPTER_SUFFIX = ".onnx_adapter"
 EXTERNAL_DATA_SUFFIX = ".data"  # model.onnx.data beside model.onnx for large models

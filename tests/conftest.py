@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 from typing import NamedTuple
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -103,3 +104,64 @@ def run_cli(*args, **subprocess_kw) -> CliResult:
 
     result = CliRunner().invoke(main, [str(a) for a in args])
     return CliResult(result.exit_code, result.stdout, result.stderr)
+
+
+# ---- clients in their own environments (onnxruntime-genai, optimum): tools/clients.py, driven in a subprocess ----
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def client_python(name: str):
+    """The python of client ``name``'s venv (built from tools/clients/<name>.lock on first use, then cached)."""
+    done = subprocess.run([sys.executable, str(ROOT / "tools" / "clients.py"), "ensure", name], capture_output=True,
+                          text=True)
+    if done.returncode:
+        pytest.fail(f"the {name} environment could not be built:\n{done.stderr[-3000:]}")
+    return done.stdout.strip().splitlines()[-1]
+
+
+def run_client(python: str, *args, **kw) -> subprocess.CompletedProcess:
+    """``python ARGS...`` in a client venv, offline, with one thread: the output, or a failure showing its stderr."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    env.pop("PYTHONPATH", None)  # the client sees only its own venv
+    done = subprocess.run([python, *map(str, args)], capture_output=True, text=True, env=env, **kw)
+    assert done.returncode == 0, f"{' '.join(map(str, args))} exited {done.returncode}:\n{done.stderr[-3000:]}"
+    return done
+
+
+@pytest.fixture(scope="session")
+def genai():
+    """``genai(export_dir, prompts, adapters, n)``: onnxruntime-genai's greedy new tokens per adapter (None: the base),
+    through examples/genai_generate.py in .venv-genai; prompts are token-id lists (genai pads them itself)."""
+    import json
+
+    python = client_python("genai")
+
+    def run(export_dir, prompts: list[list[int]], adapters=(None,), n: int = 8) -> dict:
+        args = [ROOT / "examples" / "genai_generate.py", export_dir, "--json", "--threads", 1, "-n", n,
+                "--prompt-ids", json.dumps(prompts)]
+        args += ["--base"] if None in adapters else []
+        for name in adapters:
+            args += ["--adapter", name] if name is not None else []
+        lines = run_client(python, *args).stdout.splitlines()
+        return {row["adapter"]: row["new_tokens"] for row in map(json.loads, lines)}
+
+    return run
+
+
+def session_new_tokens(session, prompts: list[list[int]], adapter, n: int, pad: int) -> list[list[int]]:
+    """``AdapterSession.generate``'s new tokens for prompts of any lengths (left-padded into one batch)."""
+    import numpy as np
+
+    width = max(map(len, prompts))
+    ids = np.array([[pad] * (width - len(p)) + list(p) for p in prompts], dtype=np.int64)
+    mask = np.array([[0] * (width - len(p)) + [1] * len(p) for p in prompts], dtype=np.int64)
+    return session.generate(ids, mask, adapter=adapter, max_new_tokens=n, pad_token_id=pad)[:, width:].tolist()
+
+
+def until_eos(rows: list[list[int]], eos: set[int]) -> list[list[int]]:
+    """Each row up to (not including) its first end-of-sequence token: genai stops there, surgeon pads after it."""
+    out = []
+    for row in rows:
+        cut = next((i for i, t in enumerate(row) if t in eos), len(row))
+        out.append(list(row[:cut]))
+    return out

@@ -19,7 +19,7 @@ from surgeon.cli import main
 from surgeon.errors import ConfigError
 from surgeon.layers import LoraLayer
 from surgeon.quant import QuantizationError, QuantLinear, load_quantized
-from tests.conftest import batch, make_base
+from tests.conftest import batch, make_base, until_eos
 
 TARGETS = {"llama": ["q_proj", "v_proj", "down_proj"], "gpt2": ["c_attn", "c_proj"]}
 
@@ -237,10 +237,11 @@ def test_onnx_export_keeps_the_packed_weights_and_float_adapters(llama64, tmp_pa
     assert report.passed, report.text()
 
 
-def test_onnx_export_of_a_qlora_model_generates_like_torch(llama64, tmp_path):
+@pytest.mark.parametrize("bits", [4, 8])
+def test_onnx_export_of_a_qlora_model_generates_like_torch_and_in_genai(llama64, tmp_path, genai, bits):
     import numpy as np
 
-    model = surgeon.get_peft_model(load_quantized(llama64, bits=4),
+    model = surgeon.get_peft_model(load_quantized(llama64, bits=bits),
                                    surgeon.LoraConfig(r=4, target_modules=TARGETS["llama"], init_lora_weights=False)).eval()
     out = surgeon.export_onnx(model, tmp_path / "onnx", kv_cache=True)
     ids = batch("llama", b=2, s=6)["input_ids"]
@@ -248,6 +249,13 @@ def test_onnx_export_of_a_qlora_model_generates_like_torch(llama64, tmp_path):
         want = model.generate(input_ids=ids, max_new_tokens=6, do_sample=False, pad_token_id=0).numpy()
     got = surgeon.AdapterSession(out).generate(ids.numpy(), adapter="default", max_new_tokens=6, pad_token_id=0)
     np.testing.assert_array_equal(got, want)
+    # onnxruntime-genai runs the packed weights (MatMulBnb4 / DequantizeLinear) with the adapter, as written
+    eos = set(surgeon.AdapterSession(out).generation["eos_token_id"])
+    in_genai = genai(out, ids.tolist(), adapters=(None, "default"), n=6)
+    assert until_eos(in_genai["default"], eos) == until_eos(want[:, 6:].tolist(), eos)
+    with torch.no_grad(), model.disable_adapter():
+        base = model.generate(input_ids=ids, max_new_tokens=6, do_sample=False, pad_token_id=0).numpy()
+    assert until_eos(in_genai[None], eos) == until_eos(base[:, 6:].tolist(), eos)
 
 
 def test_fold_can_requantize_and_reports_the_error(tmp_path):

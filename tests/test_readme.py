@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 README = Path(__file__).resolve().parents[1] / "README.md"
+CLIENT_IMPORT = re.compile(r"^(import onnxruntime_genai|from optimum)", re.M)  # blocks that run in a client's venv
 
 
 def python_blocks():
@@ -43,7 +44,7 @@ def test_generation_examples_run_as_written(tmp_path, capsys):
 
     from surgeon.cli import main
 
-    blocks = [b for b in python_blocks() if ".generate(" in b]
+    blocks = [b for b in python_blocks() if ".generate(" in b and not CLIENT_IMPORT.search(b)]
     assert len(blocks) == 2, "README's torch and ONNX Runtime generation examples"
     cwd = os.getcwd()
     os.chdir(tmp_path)
@@ -59,3 +60,52 @@ def test_generation_examples_run_as_written(tmp_path, capsys):
         os.chdir(cwd)
     printed = capsys.readouterr().out
     assert "Day 12, noon. Wind" in printed and " | " in printed
+
+
+def test_serving_sections_run_as_written_in_the_clients_venvs(tmp_path):
+    """"Serve with onnxruntime-genai" and "Load with optimum": each command and block as written, from a directory
+    laid out like the repository after `make demo`."""
+    import subprocess
+
+    from tests.conftest import ROOT, client_python, run_cli, run_client
+
+    section = README.read_text().split("## Serve with onnxruntime-genai")[1].split("\n## ")[0]
+    commands = [line for block in re.findall(r"```bash\n(.*?)```", section, flags=re.S) for line in block.splitlines()]
+    assert commands[0] == "python3 tools/clients.py ensure genai"
+    for name in ("genai", "optimum"):
+        client_python(name)  # what `python3 tools/clients.py ensure NAME` makes
+    for link in ("examples", "tools", ".venv-genai", ".venv-optimum"):
+        (tmp_path / link).symlink_to(ROOT / link)
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        for args in (["train", "--steps", "10", "--eval-blocks", "1", "-o", "runs/demo-adapter"],
+                     ["export", "tiny-gpt2", "runs/demo-adapter", "-o", "runs/demo-onnx", "--kv-cache"]):
+            code, out, err = run_cli(*args)
+            assert code == 0, out + err
+    finally:
+        os.chdir(cwd)
+    for command in commands[1:]:
+        if command.startswith("surgeon "):
+            code, out, err = run_cli(*shlex_split(command)[1:], cwd=tmp_path)
+        else:
+            done = subprocess.run(command, shell=True, cwd=tmp_path, capture_output=True, text=True,
+                                  env={**os.environ, "HF_HUB_OFFLINE": "1"})
+            code, out, err = done.returncode, done.stdout, done.stderr
+        assert code == 0, f"{command}: {out}{err}"
+        if "genai_generate.py" in command:
+            assert "adapter=(none) | Day 12, noon. Wind |" in out and "adapter=demo-adapter | Day 12" in out
+    blocks = [b for b in python_blocks() if CLIENT_IMPORT.search(b)]
+    assert len(blocks) == 2
+    for block in blocks:
+        python = client_python("genai" if "onnxruntime_genai" in block else "optimum")
+        out = run_client(python, "-c", block, cwd=tmp_path).stdout
+        assert "Day 12, noon. Wind" in out, out
+        if "onnxruntime_genai" in block:  # the base and the adapter, one line each
+            assert "None | Day 12" in out and "demo-adapter | Day 12" in out, out
+
+
+def shlex_split(command: str) -> list[str]:
+    import shlex
+
+    return shlex.split(command.split("#")[0])

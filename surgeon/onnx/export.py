@@ -4,7 +4,9 @@
 (``<path>.lora_A.weight`` [in, lora_r], ``<path>.lora_B.weight`` [lora_r, out], scale baked into
 B), each with a same-named rank-0 default initializer: feed nothing and it is the base model.
 ``OUT/adapters/<name>.onnx_adapter`` holds each adapter in ONNX Runtime's own format, and
-``OUT/manifest.json`` lists inputs, outputs, adapters, opset, the sources and a sha256 per file.
+``OUT/manifest.json`` lists inputs, outputs, adapters, opset, the sources and a sha256 per file. Beside them: the
+source's ``config.json`` (and ``generation_config.json``) and tokenizer files, so optimum and transformers open the
+directory; with the KV cache, ``OUT/genai_config.json`` for onnxruntime-genai.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import onnx
 import torch
 from torch import nn
 from torch.export import Dim
@@ -22,8 +25,9 @@ from surgeon.adapters import check_name
 from surgeon.capturing import example_inputs
 from surgeon.capturing.decoder import decode_example
 from surgeon.errors import AdapterError, ModelNotFoundError, QuantizationError
-from surgeon.hub import copy_tokenizer_files, model_dir
-from surgeon.names import DECODER_INPUTS, LOGITS, MODEL_FILE, onnx_input_names, past_names, present_names
+from surgeon.hub import copy_tokenizer_files, model_dir, write_model_config
+from surgeon.names import DECODER_INPUTS, GENAI_CONFIG, LOGITS, MODEL_FILE, onnx_input_names, past_names, present_names
+from surgeon.onnx.genai import write_genai_config
 from surgeon.onnx.writing import generation_facts, save_model, write_adapters, write_manifest
 from surgeon.outputs import write_dir_atomically
 from surgeon.passes.fold import fold
@@ -84,9 +88,14 @@ def export_onnx(model, out_dir: str | os.PathLike, adapters: list[str] | None = 
         if bits:
             extra["quantization"] = export_facts(model.base)
         written = {} if merged else write_adapters(model, names, loras, tmp, rename)
-        copied = copy_tokenizer_files(_source_dir(source), tmp) if _source_dir(source) else []
+        src = _source_dir(source)
+        copied = copy_tokenizer_files(src, tmp) if src else []
+        write_model_config(model.base, src, tmp)
         if layout is not None:
             extra["generation"] = generation_facts(model.base, layout)
+            proto = onnx.load(str(tmp / MODEL_FILE), load_external_data=False)
+            why = write_genai_config(tmp, proto, extra["generation"], MODEL_FILE, bits)
+            extra["genai"] = {"config": GENAI_CONFIG} if why is None else {"config": None, "why": why}
         write_manifest(tmp, model, loras, written, merged=rename.get(names[0], names[0]) if merged else None,
                        source=source, tokenizer=bool(copied), kv_cache=kv_cache, extra=extra)
 

@@ -109,7 +109,11 @@ def generation_facts(base, layout) -> dict[str, Any]:
     return {"layers": layout.layers, "kv_heads": list(layout.key_heads), "key_dim": list(layout.key_dims),
             "value_dim": list(layout.value_dims), "cache_dtype": str(layout.dtype).removeprefix("torch."),
             "eos_token_id": eos, "pad_token_id": pad[0] if pad else None, "context_length": context_length(base),
-            "vocab_size": int(getattr(config, "vocab_size", 0) or 0) or None}
+            "vocab_size": int(getattr(config, "vocab_size", 0) or 0) or None,
+            "bos_token_id": (ids(getattr(gen, "bos_token_id", None)) or ids(getattr(config, "bos_token_id", None))
+                             or [None])[0],
+            "attention_heads": getattr(config, "num_attention_heads", None),
+            "hidden_size": getattr(config, "hidden_size", None)}
 
 
 def _describe(values) -> list[dict]:

@@ -17,9 +17,11 @@ import torch
 
 from surgeon.errors import ExportFileError, did_you_mean
 from surgeon.model import SurgeonModel
-from surgeon.names import LOGITS, MANIFEST, past_of_present
+from surgeon.jsonfile import read_json
+from surgeon.names import GENAI_CONFIG, LOGITS, MANIFEST, past_of_present
 from surgeon.onnx.decoding import empty_past
-from surgeon.onnx.manifest import changed_files, read_manifest
+from surgeon.onnx.genai import check_genai_config
+from surgeon.onnx.manifest import changed_files, export_path, read_manifest
 from surgeon.onnx.runtime import AdapterSession
 from surgeon.quant import load_base
 from surgeon.quant.to_onnx import CHECK_RTOL
@@ -61,6 +63,7 @@ def run_checks(out_dir: str | Path, reference: str | None = None, atol: float = 
     _files(out_dir, manifest, report)
     if not _structure(out_dir, manifest, report):
         return report
+    _genai(out_dir, manifest, report)
     try:
         session = AdapterSession(out_dir, providers=["CPUExecutionProvider"])
     except Exception as err:  # any load failure is the finding
@@ -112,6 +115,28 @@ def _structure(out_dir: Path, manifest: dict, report: Report) -> bool:
                "every adapter input has a rank-0 default initializer" if not missing
                else f"no rank-0 default for {', '.join(missing[:5])}")
     return True
+
+
+def _genai(out_dir: Path, manifest: dict, report: Report) -> None:
+    """A KV-cache export's ``genai_config.json`` against its graph: names, layer count, cache dims, vocabulary."""
+    if not manifest.get("kv_cache"):
+        return
+    recorded = manifest.get("genai") or {}
+    if not recorded.get("config"):
+        report.add("genai_config", None, f"no {GENAI_CONFIG}: " + (recorded.get("why") or "an export from before "
+                                                                   "surgeon wrote it; re-export"))
+        return
+    path = export_path(out_dir, recorded["config"], f"{out_dir / MANIFEST}: genai.config")
+    try:
+        config = read_json(path, ExportFileError, "re-export")
+    except ExportFileError as err:
+        report.add("genai_config", False, str(err))
+        return
+    proto = onnx.load(str(out_dir / manifest["model"]), load_external_data=False)
+    problems = check_genai_config(config, proto, manifest["generation"], manifest["model"])
+    report.add("genai_config", not problems, f"{GENAI_CONFIG} fits the graph (names, {manifest['generation']['layers']} "
+               "layers, cache heads and head size, vocabulary, context, special tokens)" if not problems
+               else f"{GENAI_CONFIG}: {'; '.join(problems[:4])}")
 
 
 def _names(out_dir: Path, manifest: dict, session: AdapterSession, report: Report) -> None:
