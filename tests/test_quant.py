@@ -89,11 +89,20 @@ def dequantized_copy(model):
 @pytest.mark.parametrize("double", [False, True], ids=["plain", "double-quant"])
 def test_eval_mode_4bit_is_the_exact_dequantized_matmul(checkpoints, double):
     """Eval + no_grad: ours equals the fp32 matmul with the dequantized weight. bitsandbytes' own Linear4bit
-    switches to a bf16 kernel on CPUs with AVX512-BF16 (activations rounded to bf16); there it is the less exact one."""
+    switches to a bf16 kernel on CPUs with AVX512-BF16 (activations rounded to bf16); there it is the less exact one.
+    That kernel's weight repacking fails for layers narrower than a quantization block (bitsandbytes 0.50: reshape to
+    ``[out, in // blocksize]``), as in this tiny model: there bitsandbytes is held to its dequantize + fp32 path."""
+    import bitsandbytes as bnb
     from bitsandbytes.functional import has_avx512bf16
 
     b = {k: v for k, v in batch("llama", b=2, s=9, pad_left=2).items() if k != "labels"}
     ref = bnb_load(checkpoints["llama"], 4, double=double).eval()
+    layers = [m for m in ref.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    bf16_kernel = has_avx512bf16() and all(m.in_features >= m.weight.quant_state.blocksize for m in layers)
+    if has_avx512bf16() and not bf16_kernel:
+        assert all(hasattr(m, "support_avx512bf16_for_cpu") for m in layers), "bitsandbytes renamed its CPU switch"
+        for m in layers:
+            m.support_avx512bf16_for_cpu = False
     ours = surgeon.get_peft_model(bnb_load(checkpoints["llama"], 4, double=double),
                                   surgeon.LoraConfig(r=2, target_modules=["q_proj"])).eval()
     exact = dequantized_copy(bnb_load(checkpoints["llama"], 4, double=double))
@@ -101,7 +110,7 @@ def test_eval_mode_4bit_is_the_exact_dequantized_matmul(checkpoints, double):
         got, bnb_out, want = ours(**b).logits, ref(**b).logits, exact(**b).logits
     ours_err, bnb_err = (got - want).abs().max().item(), (bnb_out - want).abs().max().item()
     assert ours_err <= 1e-5
-    if has_avx512bf16():
+    if bf16_kernel:
         assert (got - bnb_out).abs().max().item() <= 1e-2 and ours_err <= bnb_err
     else:  # both run dequantize + fp32 matmul
         assert torch.equal(got, bnb_out)
