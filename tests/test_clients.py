@@ -108,6 +108,30 @@ def test_genai_config_is_derived_from_the_graph_and_check_reads_it_back(exports,
         assert code == 1, out
         checks = {c["name"]: c for c in json.loads((tmp_path / f"{field}.json").read_text())["checks"]}
         assert checks["genai_config"]["passed"] is False and named in checks["genai_config"]["detail"], checks
+    broken = tmp_path / "pad"
+    shutil.copytree(switchable, broken)
+    altered = json.loads((broken / GENAI_CONFIG).read_text())
+    altered["model"]["pad_token_id"] = V
+    (broken / GENAI_CONFIG).write_text(json.dumps(altered))
+    report = run_checks(broken)
+    check = next(c for c in report.checks if c.name == "genai_config")
+    assert not check.passed and f"pad_token_id {V} is not a token id below model.vocab_size {V}" in check.detail
+
+
+def test_no_genai_config_for_token_ids_outside_the_vocabulary(exports):
+    """genai refuses an end-of-sequence id >= vocab_size (GPT2Config's 50256 with a small vocabulary): the export
+    then writes no config and says why, rather than one genai cannot open."""
+    import onnx
+
+    from surgeon.onnx.genai import GenaiUnsupported, genai_config
+    from surgeon.onnx.manifest import read_manifest
+
+    switchable, _ = exports("gpt2")
+    facts = read_manifest(switchable)["generation"]
+    proto = onnx.load(switchable / "model.onnx", load_external_data=False)
+    assert genai_config(proto, facts, "model.onnx")["model"]["eos_token_id"] in range(V)
+    with pytest.raises(GenaiUnsupported, match=f"eos_token_id 50256 is outside the vocabulary of {V} tokens"):
+        genai_config(proto, {**facts, "eos_token_id": [50256]}, "model.onnx")
 
 
 def test_genai_example_refuses_unknown_adapters_and_exports_without_a_config(exports, tmp_path):

@@ -60,6 +60,12 @@ def genai_config(proto, facts: dict[str, Any], model_file: str, quant_bits: int 
                               ("eos_token_id", eos or None)) if not v]
     if missing:
         raise GenaiUnsupported(f"the model config gives no {', '.join(missing)}, which onnxruntime-genai requires")
+    outside = [f"{field} {i}" for field, ids in (("eos_token_id", eos), ("bos_token_id", [bos]), ("pad_token_id", [pad]))
+               for i in ids if i is not None and not 0 <= i < vocab]
+    if outside:
+        raise GenaiUnsupported(f"the model config's {', '.join(outside)} is outside the vocabulary of {vocab} tokens, "
+                               "which onnxruntime-genai refuses; set those ids below vocab_size in config.json (or "
+                               "the config you build the model from) and export again")
     session: dict[str, Any] = {"log_id": "onnxruntime-genai", "provider_options": []}
     if quant_bits in QUANTIZED_LEVEL:
         session["graph_optimization_level"] = QUANTIZED_LEVEL[quant_bits]
@@ -148,6 +154,12 @@ def check_genai_config(config: object, proto, facts: dict[str, Any], model_file:
     eos = model.get("eos_token_id")
     if sorted(eos if isinstance(eos, list) else [eos]) != sorted(facts.get("eos_token_id") or []):
         problems.append(f"model.eos_token_id is {eos!r}; the model config says {facts.get('eos_token_id')}")
+    size = model.get("vocab_size")
+    for field in ("eos_token_id", "bos_token_id", "pad_token_id"):
+        ids = model.get(field)
+        for i in ids if isinstance(ids, list) else [ids]:
+            if isinstance(size, int) and (not isinstance(i, int) or not 0 <= i < size):
+                problems.append(f"model.{field} {i!r} is not a token id below model.vocab_size {size}")
     if (config.get("search") or {}).get("past_present_share_buffer"):
         problems.append("search.past_present_share_buffer is true; this graph concatenates its cache, so it must be "
                         "false")

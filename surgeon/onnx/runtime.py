@@ -16,7 +16,7 @@ import numpy as np
 import onnxruntime as ort
 
 from surgeon.errors import AdapterError, AdapterFileError, ExportFileError, did_you_mean
-from surgeon.names import parse_onnx_input
+from surgeon.names import LOGITS, parse_onnx_input
 from surgeon.onnx.decoding import check_prompt, decode, empty_past, pick_tokens
 from surgeon.onnx.manifest import changed_files, export_path, file_digest, read_manifest
 from surgeon.sampling import check_sampling
@@ -69,6 +69,8 @@ class AdapterSession:
         self.input_names = [i.name for i in self.session.get_inputs() if i.name not in self.lora_inputs]
         self.output_names = [o.name for o in self.session.get_outputs()]
         self._adapters: dict[str, ort.LoraAdapter] = {}
+        self._paths: dict[str, Path] = {}
+        self._values: dict[tuple[str, str], dict[str, ort.OrtValue]] = {}
         self._lock = threading.Lock()
 
     @property
@@ -81,6 +83,17 @@ class AdapterSession:
             if name not in self._adapters:
                 self._adapters[name] = self._load(name)
             return self._adapters[name]
+
+    def _adapter_values(self, name: str, device: str) -> dict[str, ort.OrtValue]:
+        """Adapter ``name``'s tensors as ONNX Runtime values on ``device``, for IOBinding (made once per device)."""
+        self.adapter(name)  # loaded and checked
+        with self._lock:
+            key = (name, device)
+            if key not in self._values:
+                read = ort.AdapterFormat.read_adapter(str(self._paths[name]))  # its values live as long as it does
+                self._values[key] = {k: ort.OrtValue.ortvalue_from_numpy(np.array(v.numpy()), device)
+                                     for k, v in read.get_parameters().items()}
+            return self._values[key]
 
     def add_adapter_file(self, name: str, path: str | Path) -> None:
         """Use an extra ``.onnx_adapter`` file (written by ``surgeon export`` for the same base) under ``name``."""
@@ -97,12 +110,16 @@ class AdapterSession:
         if not path.is_file():
             raise AdapterFileError(f"{path}: missing adapter file")
         try:
-            params = ort.AdapterFormat.read_adapter(str(path)).get_parameters()
+            read = ort.AdapterFormat.read_adapter(str(path))  # held: its parameters' memory is its own
+            params = read.get_parameters()
         except Exception as err:  # onnxruntime raises its own RuntimeError types
             raise AdapterFileError(f"{path}: not a readable .onnx_adapter file ({err})") from None
         self._check(path, params)
         adapter = ort.LoraAdapter()
         adapter.Load(str(path))
+        self._paths[name] = path
+        for key in [k for k in self._values if k[0] == name]:  # a replaced file: its bound values are stale
+            del self._values[key]
         return adapter
 
     def _check(self, path: Path, params: dict[str, Any]) -> None:
@@ -147,6 +164,33 @@ class AdapterSession:
         return dict(zip(names, values))
 
     # ---- generation (models exported with --kv-cache) -------------------------------------
+    def _step(self, adapter: str | None):
+        """One decode step through IOBinding: ``present.*`` stay ONNX Runtime values (on the provider's device) and
+        go straight back in as the next step's past, with no copy to numpy; only the logits come back as numpy."""
+        device = "cuda" if self.session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
+        # run_with_iobinding does not apply RunOptions' active adapters (onnxruntime 1.2x): bind their tensors instead
+        weights = self._adapter_values(adapter, device) if adapter is not None else {}
+
+        def run(feeds: dict) -> dict:
+            binding = self.session.io_binding()
+            for name, value in weights.items():
+                binding.bind_ortvalue_input(name, value)
+            held = []  # bind_cpu_input keeps a pointer, not the array: hold the contiguous copies until the run ends
+            for name, value in feeds.items():
+                if isinstance(value, ort.OrtValue):
+                    binding.bind_ortvalue_input(name, value)
+                else:
+                    held.append(np.ascontiguousarray(value))
+                    binding.bind_cpu_input(name, held[-1])
+            for name in self.output_names:
+                binding.bind_output(name, "cpu" if name == LOGITS else device)
+            self.session.run_with_iobinding(binding)
+            out = dict(zip(self.output_names, binding.get_outputs()))
+            out[LOGITS] = out[LOGITS].numpy()
+            return out
+
+        return run
+
     @property
     def generation(self) -> dict:
         """The manifest's generation facts; a clear error when the model has no KV cache inputs."""
@@ -173,6 +217,6 @@ class AdapterSession:
         ids, mask = check_prompt(input_ids, attention_mask, facts, max_new_tokens)
         if adapter is not None:
             self.adapter(adapter)  # unknown names fail here, before any work
-        return decode(lambda feeds: self.run(feeds, adapter), facts, ids, mask, max_new_tokens=max_new_tokens,
+        return decode(self._step(adapter), facts, ids, mask, max_new_tokens=max_new_tokens,
                       sampling=sampling, seed=seed, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
                       on_tokens=on_tokens)

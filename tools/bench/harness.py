@@ -28,7 +28,8 @@ LR = 1e-4
 # name -> (transformers config class, full-size kwargs, --quick kwargs, LoRA targets)
 MODELS: dict[str, tuple[str, dict, dict, list[str]]] = {
     # GPT2Config defaults: 12 layers, 768 wide, 12 heads, vocab 50257, 1024 positions (124.4M)
-    "gpt2": ("GPT2Config", {}, {"n_layer": 2, "n_embd": 64, "n_head": 2, "vocab_size": 1000, "n_positions": 64},
+    "gpt2": ("GPT2Config", {}, {"n_layer": 2, "n_embd": 64, "n_head": 2, "vocab_size": 1000, "n_positions": 64,
+                     "bos_token_id": 999, "eos_token_id": 999},  # ids inside the small vocabulary (genai checks)
              ["c_attn"]),
     # Llama at GPT-2-small scale: 768 wide, 12 layers, 12 heads, MLP 2048, vocab 32000, untied head (134.1M)
     "llama": ("LlamaConfig",
@@ -232,9 +233,12 @@ def emit(result: dict[str, Any]) -> None:
     print(json.dumps(result), flush=True)
 
 
-def run_worker(script: str, args: Sequence[str]) -> dict[str, Any]:
-    """Run ``python script args...`` in a fresh process; return the last JSON line it printed."""
-    proc = subprocess.run([sys.executable, script, *args], stdout=subprocess.PIPE, text=True, check=False)
+def run_worker(script: str, args: Sequence[str], python: str | None = None,
+               env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Run ``python script args...`` in a fresh process (this interpreter unless ``python``, with ``env`` added to the
+    environment); return the last JSON line it printed."""
+    proc = subprocess.run([python or sys.executable, script, *args], stdout=subprocess.PIPE, text=True, check=False,
+                          env={**os.environ, **env} if env else None)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     if proc.returncode != 0 or not lines:
         raise RuntimeError(f"worker {' '.join(args)} failed with exit status {proc.returncode}")
