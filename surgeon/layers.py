@@ -96,6 +96,8 @@ class LoraLayer(nn.Module):
         self.merged: tuple[str, ...] = ()  # adapters already added into the base weight
         self.merged_factors: dict[str, tuple] = {}  # what each merge added: (B, A, scale) as they were then
         self.enabled = True
+        # Per-row adapters for one call (PEFT's ``adapter_names``): (names, slot [batch] int64, -1 = base), else None
+        self.rows: tuple[tuple[str, ...], torch.Tensor] | None = None
 
     def shallow_copy(self) -> LoraLayer:
         """A new layer over the same adapter modules (same tensors), with its own adapter table and flags.
@@ -112,11 +114,29 @@ class LoraLayer(nn.Module):
     def forward(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
             return base_out
+        if self.rows is not None:
+            return self._per_row(x, base_out)
         out = base_out
         for name in self.active:
             adapter = self.adapters[name] if name in self.adapters and name not in self.merged else None
             if adapter is not None:
                 out = out + adapter.delta(x).to(base_out.dtype)
+        return out
+
+    def _per_row(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
+        """Each row gets its own adapter's delta (``rows``); rows of the base, or of an adapter without a branch
+        here, get none. Sites that flatten batch and sequence (GPT-2's ``addmm``) see ``batch * n`` rows."""
+        names, slot = self.rows
+        if x.shape[0] != slot.shape[0]:
+            if x.shape[0] % slot.shape[0]:
+                raise RuntimeError(f"{self.path}: {x.shape[0]} input rows for a batch of {slot.shape[0]} adapter names")
+            slot = slot.repeat_interleave(x.shape[0] // slot.shape[0])
+        out = base_out
+        for k, name in enumerate(names):
+            adapter = self.adapters[name] if name in self.adapters and name not in self.merged else None
+            rows = (slot == k).nonzero().squeeze(1) if adapter is not None else None
+            if rows is not None and rows.numel():
+                out = out.index_add(0, rows, adapter.delta(x.index_select(0, rows)).to(base_out.dtype))
         return out
 
     def extra_repr(self) -> str:

@@ -3,6 +3,10 @@ their configs, which one is active, and which of them train."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator, Sequence
+
+import torch
 from torch import fx, nn
 
 from surgeon.config import LoraConfig
@@ -11,6 +15,9 @@ from surgeon.graphs import set_nested
 from surgeon.layers import LoraLayer, SavedTensor
 from surgeon.matching import match
 from surgeon.passes.lora import new_adapter_modules
+
+
+BASE_ROW = "__base__"  # PEFT's name for a row with no adapter
 
 
 class AdapterState:
@@ -73,6 +80,48 @@ class AdapterState:
             for other, tensor in tensors.items():
                 tensor.requires_grad_(train and other == name)
         self.active = name
+
+    @contextlib.contextmanager
+    def per_row(self, adapter_names: Sequence[str], device) -> Iterator[None]:
+        """For the block, row ``i`` of every call runs adapter ``adapter_names[i]`` (``BASE_ROW``: none)."""
+        names = tuple(dict.fromkeys(n for n in adapter_names if n != BASE_ROW))
+        slot = torch.tensor([names.index(n) if n != BASE_ROW else -1 for n in adapter_names], dtype=torch.long,
+                            device=device)
+        layers = self.lora_layers()
+        for layer in layers:
+            layer.rows = (names, slot)
+        try:
+            yield
+        finally:
+            for layer in layers:
+                layer.rows = None
+
+    def check_rows(self, adapter_names, batch: int, training: bool, where: str) -> list[str]:
+        """PEFT's refusals for ``adapter_names``; returns them as a list of names."""
+        if isinstance(adapter_names, str) or not isinstance(adapter_names, Sequence) \
+                or not all(isinstance(n, str) for n in adapter_names):
+            raise AdapterError(f"{where}: adapter_names must be a list of adapter names, one per row "
+                               f"({BASE_ROW!r} for the base model), got {adapter_names!r}")
+        names = list(adapter_names)
+        if training:
+            raise AdapterError(f"{where}: adapter_names cannot be used in training mode (each row's adapter would get "
+                               "gradients from the others' loss); call model.eval() first")
+        if len(names) != batch:
+            raise AdapterError(f"{where}: {len(names)} adapter_names for a batch of {batch} rows; give one name per row")
+        unknown = sorted({n for n in names if n != BASE_ROW and n not in self.configs})
+        if unknown:
+            raise AdapterError(f"{where}: adapter_names has unknown adapters "
+                               f"{', '.join(repr(n) + did_you_mean(n, self.configs) for n in unknown)}; adapters: "
+                               f"{sorted(self.configs)} (or {BASE_ROW!r} for the base model)")
+        merged = sorted({m for layer in self.lora_layers() for m in layer.merged})
+        if merged:
+            raise AdapterError(f"{where}: adapter_names cannot be used while adapters are merged ({merged}); call "
+                               "unmerge_adapter() first")
+        saved = sorted({n for t in self.saved_tensors() for n in t.copies if n in names})
+        if saved:
+            raise AdapterError(f"{where}: adapters {saved} have modules_to_save copies, which hold one tensor for the "
+                               "whole batch; run their rows in a batch of their own")
+        return names
 
     def set_enabled(self, enabled: bool) -> None:
         for module in self.registry().values():
