@@ -100,6 +100,10 @@ EXTERNAL_DATA_SUFFIX = ".data"  # model.onnx.data beside model.onnx for large mo
 _ONNX_PARTS = ("lora_A.weight", "lora_B.weight")
 
 
+ADAPTER_IDS = "adapter_ids"  # an adapter bank's input: each row's slot [batch] int64 (0: the base model)
+BANK_FILE = f"{ADAPTER_DIR}/bank{ADAPTER_SUFFIX}"  # every adapter of a bank, stacked by slot
+
+
 def adapter_file(name: str) -> str:
     """Path of adapter ``name``'s file inside an export."""
     return f"{ADAPTER_DIR}/{name}{ADAPTER_SUFFIX}"

@@ -1,20 +1,32 @@
-"""Many adapters in one batch: ``adapter_names`` (one adapter per row, ``"__base__"`` for none), as PEFT's.
+"""Many adapters in one batch: ``adapter_names`` (one adapter per row, ``"__base__"`` for none), as PEFT's, and the
+ONNX adapter bank (``export_onnx(..., bank=True)``: each row picks its slot through ``adapter_ids``).
 
 Tolerances: fp32 logits within 1e-5 of PEFT's mixed batch for the same adapter files, and within 1e-5 of the
-same row run alone with its adapter active; greedy tokens equal token for token. Adapters have different ranks
+same row run alone with its adapter active; greedy tokens equal token for token. ONNX Runtime's bank vs torch's
+``adapter_names``: <= 1e-4 on the logits of real (unpadded) positions, greedy tokens equal. Adapters have different ranks
 (4, 2, 8) and different target sets (the second one targets other modules), on GPT-2 (whose ``addmm`` sites see
 batch x sequence rows) and Llama.
 """
 
 from __future__ import annotations
 
+import json
+import shutil
+
+import numpy as np
+import onnxruntime as ort
 import peft
 import pytest
 import torch
 
 import surgeon
 from surgeon.errors import AdapterError
-from tests.conftest import ARCHS, V, make_base
+from surgeon.names import ADAPTER_IDS, BANK_FILE
+from surgeon.onnx.decoding import empty_past
+from surgeon.onnx.export import export_onnx
+from surgeon.onnx.runtime import AdapterSession
+from surgeon.workflows.checks import run_checks
+from tests.conftest import ARCHS, V, make_base, run_cli
 
 SECOND = {"gpt2": ["c_fc"], "llama": ["k_proj", "up_proj"]}
 NAMES = ["default", "__base__", "second", "third", "default"]
@@ -120,3 +132,131 @@ def test_adapter_names_refusals_name_the_problem(models):
     finally:
         ours.unmerge_adapter()
     assert all(layer.rows is None for layer in ours.adapter_state.lora_layers())  # nothing left behind
+
+
+# ---- the ONNX adapter bank ------------------------------------------------------------------------
+ROWS = ["default", None, "second", "third", "default"]
+
+
+@pytest.fixture(scope="module")
+def banks(models, tmp_path_factory):
+    """``banks(name)``: the KV-cache bank export of the three adapters (made once per architecture)."""
+    built = {}
+
+    def get(name):
+        if name not in built:
+            built[name] = export_onnx(models(name)[1], tmp_path_factory.mktemp(f"bank-{name}") / "onnx",
+                                      kv_cache=True, bank=True)
+        return built[name]
+
+    return get
+
+
+def feeds_for(session, ids, mask):
+    ids, mask = ids.numpy(), mask.numpy()
+    positions = np.where(mask == 0, 1, np.cumsum(mask, axis=1) - 1)
+    return {"input_ids": ids, "attention_mask": mask, "position_ids": positions,
+            **empty_past(session.generation, ids.shape[0])}
+
+
+def positions(mask):
+    """transformers' generate positions for a left-padded batch (what the KV-cache export is fed)."""
+    return (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+
+
+def torch_logits(ours, ids, mask, adapter):
+    with torch.no_grad():
+        if adapter is None:
+            with ours.disable_adapter():
+                return ours(input_ids=ids, attention_mask=mask, position_ids=positions(mask)).logits.numpy()
+        ours.set_adapter(adapter)
+        try:
+            return ours(input_ids=ids, attention_mask=mask, position_ids=positions(mask)).logits.numpy()
+        finally:
+            ours.set_adapter("default")
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_bank_rows_equal_torch_adapter_names_and_each_adapter_file_alone(models, banks, name):
+    _, ours = models(name)
+    session = AdapterSession(banks(name))
+    assert session.bank["slots"] == [None, "default", "second", "third"]
+    real = None
+    for shape in ((5, 7), (5, 2)):
+        ids, mask = left_padded(*shape)
+        real = mask.numpy() == 1  # padded positions' logits are not defined
+        feeds = feeds_for(session, ids, mask)
+        got = session.run(feeds, adapters=ROWS)["logits"]
+        with torch.no_grad():
+            want = ours(input_ids=ids, attention_mask=mask, position_ids=positions(mask),
+                        adapter_names=[r or "__base__" for r in ROWS]).logits.numpy()
+        assert np.abs(got - want)[real].max() <= 1e-4
+        for adapter in ("default", "second", "third", None):  # each adapter's own file on the same graph
+            alone = session.run(feeds, adapter)["logits"]
+            assert np.abs(alone - torch_logits(ours, ids, mask, adapter))[real].max() <= 1e-4, adapter
+    # plain ONNX Runtime: the bank file active, adapter_ids fed (what the README shows)
+    plain = ort.InferenceSession(str(banks(name) / "model.onnx"), providers=["CPUExecutionProvider"])
+    options = ort.RunOptions()
+    lora = ort.LoraAdapter()
+    lora.Load(str(banks(name) / BANK_FILE))
+    options.add_active_adapter(lora)
+    slots = np.array([session.bank["slots"].index(r) for r in ROWS], dtype=np.int64)
+    out = plain.run(["logits"], {**feeds, ADAPTER_IDS: slots}, options)[0]
+    np.testing.assert_array_equal(out, session.run(feeds, adapters=ROWS)["logits"])
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_bank_generation_per_row_equals_torch_and_each_row_alone(models, banks, name):
+    _, ours = models(name)
+    session = AdapterSession(banks(name))
+    ids, mask = left_padded()
+    got = session.generate(ids.numpy(), mask.numpy(), adapters=ROWS, max_new_tokens=8, pad_token_id=PAD)
+    with torch.no_grad():
+        want = ours.generate(input_ids=ids, attention_mask=mask, adapter_names=[r or "__base__" for r in ROWS],
+                             max_new_tokens=8, do_sample=False, pad_token_id=PAD).numpy()
+    np.testing.assert_array_equal(got, want)
+    for row, adapter in enumerate(ROWS):
+        alone = session.generate(ids[row:row + 1].numpy(), mask[row:row + 1].numpy(), adapter=adapter,
+                                 max_new_tokens=8, pad_token_id=PAD)
+        np.testing.assert_array_equal(got[row:row + 1, -8:], alone[:, -8:], err_msg=f"row {row} ({adapter})")
+
+
+def test_bank_bad_input_is_refused_by_name(models, banks, tmp_path):
+    session = AdapterSession(banks("llama"))
+    ids, mask = left_padded()
+    feeds = feeds_for(session, ids, mask)
+    with pytest.raises(AdapterError, match=r"not in this bank: 'thrid' \(did you mean 'third'"):
+        session.run(feeds, adapters=["default", None, "thrid", "third", "default"])
+    with pytest.raises(AdapterError, match="4 adapters for a batch of 5 rows"):
+        session.generate(ids.numpy(), mask.numpy(), adapters=ROWS[:4], max_new_tokens=2)
+    with pytest.raises(AdapterError, match="either adapter= .* or adapters="):
+        session.run(feeds, "default", adapters=ROWS)
+    with pytest.raises(ort.capi.onnxruntime_pybind11_state.InvalidArgument):  # a slot past the bank: ORT's own check
+        session.run({**feeds, ADAPTER_IDS: np.array([0, 1, 2, 3, 9])}, "default")
+    with pytest.raises(AdapterError, match="merged and --bank"):
+        export_onnx(models("llama")[1], tmp_path / "x", merged=True, bank=True, adapters=["default"])
+
+
+def test_check_proves_the_bank_equals_the_adapter_files_and_fails_an_altered_slot(banks, tmp_path):
+    out = banks("gpt2")
+    report = run_checks(out)
+    assert next(c for c in report.checks if c.name == "bank").passed, report.text()
+    broken = tmp_path / "broken"
+    shutil.copytree(out, broken)
+    held = ort.AdapterFormat.read_adapter(str(broken / BANK_FILE))
+    params = {k: np.array(v.numpy()) for k, v in held.get_parameters().items()}
+    key = sorted(params)[0]
+    params[key][1] *= 1.01  # slot 1 ("default") no longer its own file
+    fmt = ort.AdapterFormat()
+    fmt.set_adapter_version(1)
+    fmt.set_model_version(1)
+    fmt.set_parameters({k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in params.items()})
+    fmt.export_adapter(str(broken / BANK_FILE))
+    manifest = json.loads((broken / "manifest.json").read_text())
+    from surgeon.onnx.manifest import file_digest
+    manifest["files"][BANK_FILE] = file_digest(broken / BANK_FILE)  # a consistent manifest: only the slot is wrong
+    (broken / "manifest.json").write_text(json.dumps(manifest))
+    code, out_text, _ = run_cli("check", broken, "--json", tmp_path / "r.json")
+    assert code == 1, out_text
+    checks = {c["name"]: c for c in json.loads((tmp_path / "r.json").read_text())["checks"]}
+    assert not checks["bank"]["passed"] and "slot 1 (default) differs from its adapter file" in checks["bank"]["detail"]

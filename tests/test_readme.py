@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 from pathlib import Path
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -44,7 +45,8 @@ def test_generation_examples_run_as_written(tmp_path, capsys):
 
     from surgeon.cli import main
 
-    blocks = [b for b in python_blocks() if ".generate(" in b and not CLIENT_IMPORT.search(b)]
+    blocks = [b for b in python_blocks() if ".generate(" in b and not CLIENT_IMPORT.search(b) and "adapter_names" not in b
+              and "adapters=[" not in b]
     assert len(blocks) == 2, "README's torch and ONNX Runtime generation examples"
     cwd = os.getcwd()
     os.chdir(tmp_path)
@@ -109,3 +111,29 @@ def shlex_split(command: str) -> list[str]:
     import shlex
 
     return shlex.split(command.split("#")[0])
+
+
+def test_many_adapters_section_runs_as_written(tmp_path, capsys):
+    """"Many adapters in one batch": the torch block, the bank export command and both ONNX Runtime blocks."""
+    from click.testing import CliRunner
+
+    from surgeon.cli import main
+
+    text = README.read_text()
+    section = text[text.index("## Many adapters in one batch"):text.index("## Serve with onnxruntime-genai")]
+    blocks = re.findall(r"```python\n(.*?)```", section, re.S)
+    commands = [line for line in re.findall(r"```bash\n(.*?)```", section, re.S)[0].splitlines() if line.strip()]
+    assert len(blocks) == 3 and len(commands) == 1
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        result = CliRunner().invoke(main, ["train", "--steps", "2", "--eval-blocks", "1", "-o", "runs/demo-adapter"])
+        assert result.exit_code == 0, result.output
+        result = CliRunner().invoke(main, shlex.split(commands[0])[1:])
+        assert result.exit_code == 0, result.output
+        for i, block in enumerate(blocks):
+            exec(compile(block, f"README.md many-adapters block {i}", "exec"), {"__name__": "__readme__"})
+    finally:
+        os.chdir(cwd)
+    printed = capsys.readouterr().out
+    assert "[None, 'a', 'b']" in printed and "(2, 4, " in printed

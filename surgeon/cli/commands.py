@@ -183,9 +183,11 @@ def fold(model, adapter_dirs, output, weights, dtype, fmt, kv_cache, bits, requa
               help="Export a decoder with past_key_values.* inputs and present.* outputs, for `surgeon generate`.")
 @click.option("--bits", type=click.Choice(["4", "8"]), default=None,
               help="The adapters were trained on a 4/8-bit base: export the base with ONNX Runtime's MatMulNBits.")
+@click.option("--bank", is_flag=True,
+              help="An adapter bank: one batch mixes adapters, each row picking its own through the adapter_ids input.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @friendly
-def export(model, adapter_dirs, output, names, merged, kv_cache, bits, force):
+def export(model, adapter_dirs, output, names, merged, kv_cache, bits, bank, force):
     """Export MODEL with ADAPTER_DIRS to ONNX: adapter weights as inputs + .onnx_adapter files."""
     quiet()
     from surgeon.adapters import read_adapter_dir
@@ -203,8 +205,8 @@ def export(model, adapter_dirs, output, names, merged, kv_cache, bits, force):
         peft_model.load_adapter(directory, adapter_name=name)
     out = export_onnx(peft_model, output, names, merged=merged, force=force,
                       source=base_name(model),
-                      adapter_sources=dict(zip(names, adapter_dirs)), kv_cache=kv_cache)
-    what = f"merged adapter {names[0]}" if merged else f"adapters {', '.join(names)}"
+                      adapter_sources=dict(zip(names, adapter_dirs)), kv_cache=kv_cache, bank=bank)
+    what = f"merged adapter {names[0]}" if merged else f"{'adapter bank' if bank else 'adapters'} {', '.join(names)}"
     click.echo(f"wrote {out} ({what}{', with KV cache' if kv_cache else ''})")
 
 

@@ -81,6 +81,14 @@ class AdapterState:
                 tensor.requires_grad_(train and other == name)
         self.active = name
 
+    def rows(self, adapter_names, inputs: torch.Tensor | None, training: bool, where: str):
+        """The context in which row ``i`` runs adapter ``adapter_names[i]`` (None: every row the active adapter)."""
+        if adapter_names is None:
+            return contextlib.nullcontext()
+        if inputs is None:
+            raise AdapterError(f"{where}: adapter_names needs input_ids (or inputs_embeds) to know the batch")
+        return self.per_row(self.check_rows(adapter_names, inputs.shape[0], training, where), inputs.device)
+
     @contextlib.contextmanager
     def per_row(self, adapter_names: Sequence[str], device) -> Iterator[None]:
         """For the block, row ``i`` of every call runs adapter ``adapter_names[i]`` (``BASE_ROW``: none)."""

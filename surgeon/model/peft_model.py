@@ -107,21 +107,11 @@ class SurgeonModel(nn.Module):
         graph = self.graphs.decoder()
         return graph, graph.meta["cache_layout"]
 
-    def rows(self, adapter_names, inputs: torch.Tensor | None, where: str):
-        """The context in which row ``i`` runs adapter ``adapter_names[i]`` (None: every row the active adapter)."""
-        if adapter_names is None:
-            return contextlib.nullcontext()
-        if inputs is None:
-            raise AdapterError(f"{where}: adapter_names needs input_ids (or inputs_embeds) to know the batch")
-        names = self.adapter_state.check_rows(adapter_names, inputs.shape[0], self.training, where)
-        return self.adapter_state.per_row(names, inputs.device)
-
     def forward(self, input_ids=None, attention_mask=None, labels=None, num_items_in_batch=None, adapter_names=None,
                 **kwargs):
-        """The base model's forward through the injected graph; ``adapter_names`` (one per row, ``"__base__"`` for
-        none) runs each row with its own adapter, as PEFT's mixed batches."""
+        """The base model's forward in the injected graph; ``adapter_names``: one adapter per row (PEFT's)."""
         first = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
-        with self.rows(adapter_names, first, "forward"):
+        with self.adapter_state.rows(adapter_names, first, self.training, "forward"):
             return self._forward(input_ids, attention_mask, labels, num_items_in_batch, **kwargs)
 
     def _forward(self, input_ids, attention_mask, labels, num_items_in_batch, **kwargs):
@@ -145,10 +135,9 @@ class SurgeonModel(nn.Module):
         return any(p.kind == inspect.Parameter.VAR_KEYWORD for p in params)
 
     def generate(self, *args, adapter_names=None, **kwargs):
-        """transformers' ``generate`` with the active adapters unmerged, every step run by the injected decode graph;
-        ``adapter_names`` (one per row, ``"__base__"`` for none) gives each row its own adapter."""
+        """transformers' ``generate``, every step in the injected decode graph; ``adapter_names``: one per row."""
         first = args[0] if args else kwargs.get("input_ids", kwargs.get("inputs_embeds"))
-        with self.rows(adapter_names, first, "generate"):
+        with self.adapter_state.rows(adapter_names, first, self.training, "generate"):
             return generate(self, *args, **kwargs)
 
     # ---- modes and devices ------------------------------------------------------------

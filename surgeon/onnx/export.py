@@ -26,9 +26,10 @@ from surgeon.capturing import example_inputs
 from surgeon.capturing.decoder import decode_example
 from surgeon.errors import AdapterError, ModelNotFoundError, QuantizationError
 from surgeon.hub import copy_tokenizer_files, model_dir, write_model_config
-from surgeon.names import DECODER_INPUTS, GENAI_CONFIG, LOGITS, MODEL_FILE, onnx_input_names, past_names, present_names
+from surgeon.names import (ADAPTER_IDS, DECODER_INPUTS, GENAI_CONFIG, LOGITS, MODEL_FILE, onnx_input_names, past_names,
+                           present_names)
 from surgeon.onnx.genai import write_genai_config
-from surgeon.onnx.writing import generation_facts, save_model, write_adapters, write_manifest
+from surgeon.onnx.writing import generation_facts, save_model, write_adapters, write_bank, write_manifest
 from surgeon.outputs import write_dir_atomically
 from surgeon.passes.fold import fold
 from surgeon.passes.inputs import InputFeed, LoraInput, lora_as_inputs
@@ -41,13 +42,16 @@ class _Wrapper(nn.Module):
     """``(graph inputs..., *lora tensors) -> outputs`` around an input-fed graph: the call torch.onnx exports."""
 
     def __init__(self, graph, names: tuple[str, ...], loras: tuple[LoraInput, ...], feed: InputFeed, consts: dict,
-                 decoder: bool):
+                 decoder: bool, bank: bool = False):
         super().__init__()
         self.body, self.names, self.loras, self.feed, self.consts, self.decoder = graph, names, loras, feed, consts, decoder
+        self.bank = bank
 
     def forward(self, *args):
         n = len(self.names)
         flat = args[n:]
+        if self.bank:
+            self.feed.ids, flat = flat[0], flat[1:]
         self.feed.tensors = {lo.path: (flat[2 * i], flat[2 * i + 1]) for i, lo in enumerate(self.loras)}
         if not self.decoder:
             return self.body(**dict(zip(self.names, args[:n])), **self.consts).logits
@@ -59,10 +63,12 @@ class _Wrapper(nn.Module):
 def export_onnx(model, out_dir: str | os.PathLike, adapters: list[str] | None = None, *, merged: bool = False,
                 force: bool = False, source: str | None = None, opset: int | None = None,
                 adapter_names: dict[str, str] | None = None, adapter_sources: dict[str, str] | None = None,
-                kv_cache: bool = False, merge_recipe: dict | None = None) -> Path:
+                kv_cache: bool = False, merge_recipe: dict | None = None, bank: bool = False) -> Path:
     """Write ``out_dir`` for a ``SurgeonModel``: switchable adapters, or ``merged=True`` for one folded adapter.
 
     ``kv_cache=True`` exports the decoder with the KV cache as inputs and outputs (prefill and decode in one model).
+    ``bank=True``: an adapter bank, where each row of a batch picks its adapter through the ``adapter_ids`` input
+    (``adapters/bank.onnx_adapter`` holds every adapter, slot 0 the base; each adapter's own file still works alone).
     ``adapter_sources`` (name -> PEFT directory) and ``merge_recipe`` are recorded for ``surgeon check``.
     """
     names = list(adapters or model.peft_config)
@@ -70,6 +76,10 @@ def export_onnx(model, out_dir: str | os.PathLike, adapters: list[str] | None = 
     for name in names:
         model.adapter_state.known(name)
         check_name(rename.get(name, name), "adapter name (its .onnx_adapter file name)")
+    if bank and "bank" in [rename.get(n, n) for n in names]:
+        raise AdapterError("an adapter bank writes adapters/bank.onnx_adapter: rename the adapter called 'bank'")
+    if merged and bank:
+        raise AdapterError("--merged and --bank exclude each other: a bank keeps every adapter switchable per row")
     if merged and len(names) != 1:
         raise AdapterError(f"--merged folds exactly one adapter; got {len(names)} ({', '.join(names)})")
     bits = quant_bits(model.base)
@@ -84,10 +94,12 @@ def export_onnx(model, out_dir: str | os.PathLike, adapters: list[str] | None = 
 
     def fill(tmp: Path) -> None:
         model.eval()
-        loras, layout = _write_model(model, tmp, names, merged, kv_cache, opset)
+        loras, layout = _write_model(model, tmp, names, merged, kv_cache, opset, bank)
         if bits:
             extra["quantization"] = export_facts(model.base)
-        written = {} if merged else write_adapters(model, names, loras, tmp, rename)
+        written = {} if merged else write_adapters(model, names, loras, tmp, rename, bank=bank)
+        if bank:
+            extra["bank"] = write_bank(model, names, loras, tmp, rename)
         src = _source_dir(source)
         copied = copy_tokenizer_files(src, tmp) if src else []
         write_model_config(model.base, src, tmp)
@@ -110,7 +122,8 @@ def _source_dir(source: str | None) -> Path | None:
         return None
 
 
-def _write_model(model, tmp: Path, names: list[str], merged: bool, kv_cache: bool, opset: int | None):
+def _write_model(model, tmp: Path, names: list[str], merged: bool, kv_cache: bool, opset: int | None,
+                 bank: bool = False):
     """Export the graph (folded, or with adapter inputs) to ``tmp/model.onnx``; returns the adapter inputs and the
     cache layout (None without KV cache)."""
     if kv_cache:
@@ -129,12 +142,13 @@ def _write_model(model, tmp: Path, names: list[str], merged: bool, kv_cache: boo
             graph = fold(graph)
         finally:
             model.set_adapter(active)
-    program, loras = _to_onnx(graph, call, feed, example["past"] if kv_cache else None, layout, opset)
-    save_model(program, tmp / MODEL_FILE, loras, model.base, kv_layers=layout.layers if layout else 0)
+    program, loras = _to_onnx(graph, call, feed, example["past"] if kv_cache else None, layout, opset, bank)
+    save_model(program, tmp / MODEL_FILE, loras, model.base, kv_layers=layout.layers if layout else 0, bank=bank)
     return loras, layout
 
 
-def _to_onnx(graph, call: dict[str, Any], feed: InputFeed | None, past: list | None, layout, opset: int | None):
+def _to_onnx(graph, call: dict[str, Any], feed: InputFeed | None, past: list | None, layout, opset: int | None,
+             bank: bool = False):
     """torch.onnx (dynamo) export of the graph with named inputs, dynamic batch / sequence / rank dims."""
     names = tuple(k for k, v in call.items() if isinstance(v, torch.Tensor))
     consts = {k: v for k, v in call.items() if not isinstance(v, torch.Tensor)}
@@ -153,12 +167,22 @@ def _to_onnx(graph, call: dict[str, Any], feed: InputFeed | None, past: list | N
         shapes += [{0: batch, 2: Dim("past_sequence")}] * len(past)
         input_names += past_names(layout.layers)
         output_names += present_names(layout.layers)
+    if bank:  # each row's slot; the example batch uses slots 0 and 1 of a two-slot bank
+        args.append(torch.arange(call[names[0]].shape[0]) % 2)
+        shapes.append({0: batch})
+        input_names.append(ADAPTER_IDS)
+    slots = Dim("adapter_slots")
     for i, lo in enumerate(loras):
         rank = Dim(f"lora_r_{i}")
-        args += [torch.zeros(lo.in_features, 2), torch.zeros(2, lo.out_features)]
-        shapes += [{1: rank}, {0: rank}]
+        if bank:
+            args += [torch.zeros(2, lo.in_features, 2), torch.zeros(2, 2, lo.out_features)]
+            shapes += [{0: slots, 2: rank}, {0: slots, 1: rank}]
+        else:
+            args += [torch.zeros(lo.in_features, 2), torch.zeros(2, lo.out_features)]
+            shapes += [{1: rank}, {0: rank}]
         input_names += onnx_input_names(lo.path)
-    wrapper = _Wrapper(graph, tuple(input_names[: len(names)]), loras, feed or InputFeed(), consts, past is not None)
+    wrapper = _Wrapper(graph, tuple(input_names[: len(names)]), loras, feed or InputFeed(), consts, past is not None,
+                       bank)
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(wrapper.eval(), tuple(args), dynamic_shapes=(tuple(shapes),), input_names=input_names,

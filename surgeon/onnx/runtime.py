@@ -16,15 +16,23 @@ import numpy as np
 import onnxruntime as ort
 
 from surgeon.errors import AdapterError, AdapterFileError, ExportFileError, did_you_mean
-from surgeon.names import LOGITS, parse_onnx_input
+from surgeon.names import ADAPTER_IDS, LOGITS, parse_onnx_input
 from surgeon.onnx.decoding import check_prompt, decode, empty_past, pick_tokens
 from surgeon.onnx.manifest import changed_files, export_path, file_digest, read_manifest
 from surgeon.sampling import check_sampling
 
 __all__ = ["AdapterSession", "changed_files", "cuda_available", "default_providers", "empty_past", "file_digest",
            "pick_tokens", "read_manifest"]
+BANK_KEY = "<bank>"  # the bank file among the loaded adapters (no adapter name has angle brackets)
 ORT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
               "tensor(double)": np.float64, "tensor(bfloat16)": None}
+
+
+def _rows(feeds: dict) -> int:
+    first = feeds.get("input_ids", next(iter(feeds.values()), None))
+    if first is None or not getattr(first, "shape", None):
+        raise AdapterError("per-row adapters need input_ids in the feeds, to know the batch")
+    return first.shape[0]
 
 
 def cuda_available() -> bool:
@@ -86,7 +94,8 @@ class AdapterSession:
 
     def _adapter_values(self, name: str, device: str) -> dict[str, ort.OrtValue]:
         """Adapter ``name``'s tensors as ONNX Runtime values on ``device``, for IOBinding (made once per device)."""
-        self.adapter(name)  # loaded and checked
+        if name != BANK_KEY:
+            self.adapter(name)  # loaded and checked
         with self._lock:
             key = (name, device)
             if key not in self._values:
@@ -145,7 +154,7 @@ class AdapterSession:
                 bad.append(f"{key}: {list(shape)} vs model {list(want)}")
                 continue
             module, part = parse_onnx_input(key)
-            ranks.setdefault(module, {})[part] = shape[1] if part == "A" else shape[0]
+            ranks.setdefault(module, {})[part] = shape[-1] if part == "A" else shape[-2]  # a bank's lead with slots
         bad += [f"{m}: rank {r.get('A')} in lora_A but {r.get('B')} in lora_B"
                 for m, r in sorted(ranks.items()) if len(r) == 2 and len(set(r.values())) > 1]
         bad += [f"{m}: only lora_{next(iter(r))} is there" for m, r in sorted(ranks.items()) if len(r) == 1]
@@ -154,22 +163,65 @@ class AdapterSession:
                                "the adapter is for another model or was altered: re-export it")
 
     def run(self, feeds: dict[str, np.ndarray], adapter: str | None = None,
-            output_names: list[str] | None = None) -> dict[str, np.ndarray]:
-        """Run with ``adapter`` active (None: the base model); returns outputs by name."""
+            output_names: list[str] | None = None, *, adapters: list[str | None] | None = None) -> dict[str, np.ndarray]:
+        """Run with ``adapter`` active (None: the base model); returns outputs by name.
+
+        ``adapters`` (an adapter-bank export): one adapter name per row of the batch, None for the base model.
+        """
         options = ort.RunOptions()
-        if adapter is not None:
+        if adapters is not None:
+            feeds = {**feeds, ADAPTER_IDS: self.slots(adapters, _rows(feeds), adapter)}
+            options.add_active_adapter(self._bank_adapter())
+        elif adapter is not None:
             options.add_active_adapter(self.adapter(adapter))
         names = output_names or self.output_names
         values = self.session.run(names, feeds, options)
         return dict(zip(names, values))
 
+    # ---- adapter banks (exported with --bank): one adapter per row ---------------------------
+    @property
+    def bank(self) -> dict | None:
+        """The manifest's bank entry (file, slots: slot 0 is the base model), or None for other exports."""
+        return self.manifest.get("bank")
+
+    def slots(self, adapters, batch: int, adapter: str | None = None) -> np.ndarray:
+        """``adapter_ids`` for per-row adapter names (None: the base), or the error naming what is wrong."""
+        if self.bank is None:
+            raise AdapterError(f"{self.dir}: per-row adapters need an adapter-bank export; re-export with "
+                               "`surgeon export MODEL ADAPTER_DIR... -o OUT --bank`")
+        if adapter is not None:
+            raise AdapterError("pass either adapter= (every row) or adapters= (one per row), not both")
+        if isinstance(adapters, str) or not all(a is None or isinstance(a, str) for a in adapters):
+            raise AdapterError(f"adapters must be a list with one adapter name (or None) per row, got {adapters!r}")
+        if len(adapters) != batch:
+            raise AdapterError(f"{len(adapters)} adapters for a batch of {batch} rows; give one name (or None) per row")
+        names = self.bank["slots"]
+        unknown = sorted({a for a in adapters if a is not None and a not in names})
+        if unknown:
+            known = [n for n in names if n is not None]
+            raise AdapterError(f"adapters not in this bank: {', '.join(repr(u) + did_you_mean(u, known) for u in unknown)}; "
+                               f"the bank holds {known} (None: the base model)")
+        return np.array([names.index(a) for a in adapters], dtype=np.int64)
+
+    def _bank_adapter(self) -> ort.LoraAdapter:
+        with self._lock:
+            if BANK_KEY not in self._adapters:
+                self._adapters[BANK_KEY] = self._load(BANK_KEY, export_path(self.dir, self.bank["file"], "bank.file"))
+            return self._adapters[BANK_KEY]
+
     # ---- generation (models exported with --kv-cache) -------------------------------------
-    def _step(self, adapter: str | None):
+    def _step(self, adapter: str | None, slots: np.ndarray | None = None):
         """One decode step through IOBinding: ``present.*`` stay ONNX Runtime values (on the provider's device) and
-        go straight back in as the next step's past, with no copy to numpy; only the logits come back as numpy."""
+        go straight back in as the next step's past, with no copy to numpy; only the logits come back as numpy.
+        ``slots``: the bank's rows (``adapter_ids``)."""
         device = "cuda" if self.session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
         # run_with_iobinding does not apply RunOptions' active adapters (onnxruntime 1.2x): bind their tensors instead
-        weights = self._adapter_values(adapter, device) if adapter is not None else {}
+        if slots is not None:
+            self._bank_adapter()
+            weights = {**self._adapter_values(BANK_KEY, device),
+                       ADAPTER_IDS: ort.OrtValue.ortvalue_from_numpy(slots, device)}
+        else:
+            weights = self._adapter_values(adapter, device) if adapter is not None else {}
 
         def run(feeds: dict) -> dict:
             binding = self.session.io_binding()
@@ -203,20 +255,22 @@ class AdapterSession:
     def generate(self, input_ids, attention_mask=None, *, adapter: str | None = None, max_new_tokens: int = 32,
                  do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                  seed: int | None = None, eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None,
-                 on_tokens=None) -> np.ndarray:
+                 on_tokens=None, adapters: list[str | None] | None = None) -> np.ndarray:
         """Prefill + decode with the KV cache in ONNX Runtime; returns ``[batch, prompt + new]`` token ids.
 
         Batches are left-padded (``attention_mask`` 0 on the left), as with transformers. Greedy by default;
         ``do_sample=True`` samples with ``temperature``, ``top_k``, ``top_p`` from ``numpy``'s generator seeded with
         ``seed``. A row stops at an end-of-sequence token and is then filled with ``pad_token_id``. ``on_tokens``
-        is called with each step's new tokens (``[batch]``), for streaming.
+        is called with each step's new tokens (``[batch]``), for streaming. ``adapters`` (an adapter-bank export):
+        one adapter name (None: the base) per row, instead of ``adapter`` for all.
         """
         facts = self.generation
         sampling = {"do_sample": do_sample, "temperature": temperature, "top_k": top_k, "top_p": top_p}
         check_sampling({**sampling, "max_new_tokens": max_new_tokens}, "AdapterSession.generate")
         ids, mask = check_prompt(input_ids, attention_mask, facts, max_new_tokens)
+        slots = self.slots(adapters, ids.shape[0], adapter) if adapters is not None else None
         if adapter is not None:
             self.adapter(adapter)  # unknown names fail here, before any work
-        return decode(self._step(adapter), facts, ids, mask, max_new_tokens=max_new_tokens,
+        return decode(self._step(adapter, slots), facts, ids, mask, max_new_tokens=max_new_tokens,
                       sampling=sampling, seed=seed, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
                       on_tokens=on_tokens)

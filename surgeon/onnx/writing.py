@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper
@@ -14,6 +15,8 @@ from onnx import TensorProto, helper
 from surgeon.capturing.decoder import context_length
 from surgeon.names import (
     ADAPTER_DIR,
+    ADAPTER_IDS,
+    BANK_FILE,
     LOGITS,
     MANIFEST,
     MANIFEST_FORMAT,
@@ -28,8 +31,11 @@ from surgeon.passes.inputs import LoraInput, adapter_tensors
 EXTERNAL_DATA_BYTES = 1 << 30  # above this much weight, write model.onnx.data beside model.onnx
 
 
-def save_model(program, path: Path, loras: tuple[LoraInput, ...], base, kv_layers: int = 0) -> None:
-    """Save, then name the rank dims ``lora_r`` (and the cache dims) and add the rank-0 default initializers."""
+def save_model(program, path: Path, loras: tuple[LoraInput, ...], base, kv_layers: int = 0, bank: bool = False) -> None:
+    """Save, then name the rank dims ``lora_r`` (and the cache dims) and add the rank-0 default initializers.
+
+    A bank's adapter inputs are [adapter_slots, in, lora_r] / [adapter_slots, lora_r, out] with one-slot rank-0
+    defaults, and ``adapter_ids`` defaults to ``[0]`` (every row slot 0), so a plain run is the base model."""
     weight_bytes = sum(p.numel() * p.element_size() for p in base.parameters())
     program.save(str(path), external_data=weight_bytes > EXTERNAL_DATA_BYTES)
     proto = onnx.load(str(path), load_external_data=False)
@@ -38,14 +44,35 @@ def save_model(program, path: Path, loras: tuple[LoraInput, ...], base, kv_layer
         if value.name in lora_names:
             for dim in value.type.tensor_type.shape.dim:
                 if dim.dim_param:
-                    dim.dim_param = "lora_r"
+                    dim.dim_param = "adapter_slots" if dim.dim_param == "adapter_slots" else "lora_r"
     if kv_layers:
         _name_cache_dims(proto, kv_layers)
+    slot = [1] if bank else []
     for lo in loras:
         name_a, name_b = onnx_input_names(lo.path)
-        proto.graph.initializer.append(helper.make_tensor(name_a, TensorProto.FLOAT, [lo.in_features, 0], []))
-        proto.graph.initializer.append(helper.make_tensor(name_b, TensorProto.FLOAT, [0, lo.out_features], []))
+        proto.graph.initializer.append(helper.make_tensor(name_a, TensorProto.FLOAT, slot + [lo.in_features, 0], []))
+        proto.graph.initializer.append(helper.make_tensor(name_b, TensorProto.FLOAT, slot + [0, lo.out_features], []))
+    if bank:
+        _broadcast_adapter_ids(proto)
+        proto.graph.initializer.append(helper.make_tensor(ADAPTER_IDS, TensorProto.INT64, [1], [0]))
     onnx.save(proto, str(path))
+
+
+def _broadcast_adapter_ids(proto) -> None:
+    """Let ``adapter_ids`` be [1] (its default: that slot for every row) as well as [batch]: the graph reads
+    ``Expand(adapter_ids, [batch])``. The exporter derives the batch size from whichever input has it, so without
+    this a one-element ``adapter_ids`` would shrink the batch."""
+    rows = f"{ADAPTER_IDS}.rows"
+    for node in proto.graph.node:
+        for i, name in enumerate(node.input):
+            if name == ADAPTER_IDS:
+                node.input[i] = rows
+    first = proto.graph.input[0].name  # input_ids: [batch, sequence]
+    head = [helper.make_node("Shape", [first], [f"{rows}.batch"], start=0, end=1),
+            helper.make_node("Expand", [ADAPTER_IDS, f"{rows}.batch"], [rows])]
+    nodes = list(proto.graph.node)
+    del proto.graph.node[:]
+    proto.graph.node.extend(head + nodes)
 
 
 def _name_cache_dims(proto, layers: int) -> None:
@@ -65,9 +92,45 @@ def _name_cache_dims(proto, layers: int) -> None:
         name(n, 2, "total_sequence")
 
 
+def _write_adapter_file(path: Path, params: dict) -> None:
+    fmt = ort.AdapterFormat()
+    fmt.set_adapter_version(1)
+    fmt.set_model_version(1)
+    fmt.set_parameters(params)
+    fmt.export_adapter(str(path))
+
+
+def write_bank(model, names: list[str], loras: tuple[LoraInput, ...], out: Path, rename: dict[str, str]) -> dict:
+    """``adapters/bank.onnx_adapter``: per target A [slots, in, R] and B [slots, R, out], slot 0 zeros (the base),
+    slot k the k-th adapter (scale in B), every rank zero-padded to the target's largest (exact); targets an adapter
+    lacks are zeros in its slot. Returns the manifest's ``bank`` entry."""
+    layers = {layer.path: layer for layer in model.adapter_state.lora_layers()}
+    params, ranks = {}, {}
+    for lo in loras:
+        layer = layers[lo.path]
+        parts = {n: adapter_tensors(layer, n) for n in names if n in layer.adapters}
+        rank = max([a.shape[1] for a, _ in parts.values()] or [0])
+        a_bank = np.zeros((len(names) + 1, lo.in_features, rank), np.float32)
+        b_bank = np.zeros((len(names) + 1, rank, lo.out_features), np.float32)
+        for slot, name in enumerate(names, start=1):
+            if name in parts:
+                a, b = parts[name]
+                a_bank[slot, :, : a.shape[1]] = a.numpy()
+                b_bank[slot, : b.shape[0]] = b.numpy()
+        name_a, name_b = onnx_input_names(lo.path)
+        params[name_a] = ort.OrtValue.ortvalue_from_numpy(a_bank)
+        params[name_b] = ort.OrtValue.ortvalue_from_numpy(b_bank)
+        ranks[lo.path] = rank
+    _write_adapter_file(out / BANK_FILE, params)
+    return {"file": BANK_FILE, "input": ADAPTER_IDS, "slots": [None] + [rename.get(n, n) for n in names],
+            "ranks": ranks}
+
+
 def write_adapters(model, names: list[str], loras: tuple[LoraInput, ...], out: Path,
-                   rename: dict[str, str]) -> dict[str, dict]:
-    """One ``.onnx_adapter`` per adapter (ONNX Runtime's format) under ``out``; returns manifest entries."""
+                   rename: dict[str, str], bank: bool = False) -> dict[str, dict]:
+    """One ``.onnx_adapter`` per adapter (ONNX Runtime's format) under ``out``; returns manifest entries.
+
+    For a bank graph each file is a one-slot bank (A [1, in, r], B [1, r, out]): active alone, every row runs it."""
     (out / ADAPTER_DIR).mkdir(parents=True, exist_ok=True)
     layers = {layer.path: layer for layer in model.adapter_state.lora_layers()}
     written = {}
@@ -78,17 +141,15 @@ def write_adapters(model, names: list[str], loras: tuple[LoraInput, ...], out: P
             if name not in layer.adapters:
                 continue  # that module keeps its rank-0 default: no change there
             a, b = adapter_tensors(layer, name)
+            if bank:
+                a, b = a.unsqueeze(0), b.unsqueeze(0)
             name_a, name_b = onnx_input_names(lo.path)
-            params[name_a] = ort.OrtValue.ortvalue_from_numpy(a.numpy())
-            params[name_b] = ort.OrtValue.ortvalue_from_numpy(b.numpy())
+            params[name_a] = ort.OrtValue.ortvalue_from_numpy(a.contiguous().numpy())
+            params[name_b] = ort.OrtValue.ortvalue_from_numpy(b.contiguous().numpy())
             targets.append(lo.path)
-            ranks.add(a.shape[1])
+            ranks.add(a.shape[-1])
         shown = rename.get(name, name)
-        fmt = ort.AdapterFormat()
-        fmt.set_adapter_version(1)
-        fmt.set_model_version(1)
-        fmt.set_parameters(params)
-        fmt.export_adapter(str(out / adapter_file(shown)))
+        _write_adapter_file(out / adapter_file(shown), params)
         written[shown] = {"file": adapter_file(shown), "targets": targets, "ranks": sorted(ranks),
                           "config": model.peft_config[name].to_peft_dict()}
     return written

@@ -27,10 +27,15 @@ class LoraInput:
 
 
 class InputFeed:
-    """Per-call mapping path -> (A, B), set by the export wrapper before it calls the graph."""
+    """Per-call mapping path -> (A, B), set by the export wrapper before it calls the graph.
+
+    An adapter bank (``ids`` set): A is [slots, in, r] and B [slots, r, out], and row ``i`` of the batch uses slot
+    ``ids[i]``; ``ids`` of one element applies that slot to every row.
+    """
 
     def __init__(self):
         self.tensors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.ids: torch.Tensor | None = None
 
 
 class InputLora(nn.Module):
@@ -40,9 +45,22 @@ class InputLora(nn.Module):
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         a, b = self.feed.tensors[self.path]
+        if self.feed.ids is not None:
+            return y + self._bank(x, a, b, self.feed.ids).reshape(y.shape).to(y.dtype)
         if self.kind == "embedding":
             return y + (F.embedding(x, a) @ b).to(y.dtype)
         return y + ((x.to(a.dtype) @ a) @ b).to(y.dtype)
+
+
+    def _bank(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Each row's slot of A and B applied to that row; sites that flatten batch and sequence (GPT-2's ``addmm``)
+        are viewed as [rows, -1, in] first. Returns [rows, -1, out]."""
+        rows = ids.shape[0]
+        b_rows = b.index_select(0, ids)  # [rows, r, out]
+        if self.kind == "embedding":  # A [slots, vocab, r]: one flat table, each row's ids offset into its slot
+            flat = x.reshape(rows, -1) + ids.unsqueeze(1) * a.shape[1]
+            return F.embedding(flat, a.reshape(-1, a.shape[2])) @ b_rows
+        return (x.to(a.dtype).reshape(rows, -1, x.shape[-1]) @ a.index_select(0, ids)) @ b_rows
 
 
 def lora_as_inputs(gm: fx.GraphModule, feed: InputFeed) -> tuple[fx.GraphModule, tuple[LoraInput, ...]]:

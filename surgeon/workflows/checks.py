@@ -18,13 +18,14 @@ import torch
 from surgeon.errors import ExportFileError, did_you_mean
 from surgeon.model import SurgeonModel
 from surgeon.jsonfile import read_json
-from surgeon.names import GENAI_CONFIG, LOGITS, MANIFEST, past_of_present
+from surgeon.names import ADAPTER_IDS, GENAI_CONFIG, LOGITS, MANIFEST, past_of_present
 from surgeon.onnx.decoding import empty_past
 from surgeon.onnx.genai import check_genai_config
 from surgeon.onnx.manifest import changed_files, export_path, read_manifest
 from surgeon.onnx.runtime import AdapterSession
 from surgeon.quant import load_base
 from surgeon.quant.to_onnx import CHECK_RTOL
+from surgeon.workflows.bank_check import bank_matches_adapters
 from surgeon.workflows.checkpoint import with_adapters
 from surgeon.workflows.report import Check, Report  # noqa: F401 (Check: part of the report API)
 
@@ -108,9 +109,12 @@ def _structure(out_dir: Path, manifest: dict, report: Report) -> bool:
         return False
     inits = {t.name: list(t.dims) for t in proto.graph.initializer}
     missing = []
+    slot = [1] if manifest.get("bank") else []  # a bank's defaults are one-slot banks of rank 0
     for lo in manifest.get("lora_inputs", []):
-        if inits.get(lo["a"]) != [lo["in"], 0] or inits.get(lo["b"]) != [0, lo["out"]]:
+        if inits.get(lo["a"]) != slot + [lo["in"], 0] or inits.get(lo["b"]) != slot + [0, lo["out"]]:
             missing.append(lo["path"])
+    if slot and inits.get(ADAPTER_IDS) != [1]:
+        missing.append(f"{ADAPTER_IDS} (its default [0]: every row the base)")
     report.add("rank0_defaults", not missing,
                "every adapter input has a rank-0 default initializer" if not missing
                else f"no rank-0 default for {', '.join(missing[:5])}")
@@ -151,6 +155,8 @@ def _names(out_dir: Path, manifest: dict, session: AdapterSession, report: Repor
             report.add(f"adapter_file[{name}]", False, " ".join(str(err).split()))
             continue
         report.add(f"adapter_file[{name}]", True, "readable; names, dtypes and shapes fit the model's adapter inputs")
+    if session.bank is not None:
+        report.add("bank", *bank_matches_adapters(out_dir, manifest, session))
 
 
 def _numbers(manifest: dict, session: AdapterSession, reference: str | None, report: Report,
