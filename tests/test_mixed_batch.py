@@ -43,6 +43,9 @@ def left_padded(b: int = 5, s: int = 7, seed: int = 0):
     return ids, mask
 
 
+ROOTS: dict[str, object] = {}  # architecture -> the adapter directories (default in it, second/ and third/ below)
+
+
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     """``models(name)``: (PEFT model, surgeon model) holding the same three adapters from the same files, eval mode."""
@@ -60,6 +63,7 @@ def models(tmp_path_factory):
             ref.add_adapter("third", peft.LoraConfig(r=8, lora_alpha=8, target_modules=targets,
                                                      init_lora_weights=False))
             ref.save_pretrained(root)
+            ROOTS[name] = root
             ours = surgeon.PeftModel.from_pretrained(make_base(name), root)
             for extra in ("second", "third"):
                 ours.load_adapter(root / extra, adapter_name=extra)
@@ -260,3 +264,35 @@ def test_check_proves_the_bank_equals_the_adapter_files_and_fails_an_altered_slo
     assert code == 1, out_text
     checks = {c["name"]: c for c in json.loads((tmp_path / "r.json").read_text())["checks"]}
     assert not checks["bank"]["passed"] and "slot 1 (default) differs from its adapter file" in checks["bank"]["detail"]
+
+
+def test_bank_grows_without_touching_the_graph(models, banks, tmp_path):
+    """A bank of two adapters plus `surgeon bank add` of the third runs like the bank exported with all three."""
+    _, ours = models("gpt2")
+    full = AdapterSession(banks("gpt2"))
+    small = export_onnx(ours, tmp_path / "small", adapters=["default", "second"], kv_cache=True, bank=True)
+    graph = (small / "model.onnx").read_bytes()
+    code, out, err = run_cli("bank", "add", small, ROOTS["gpt2"] / "third", "--name", "third")
+    assert code == 0, out + err
+    assert "as slot 3" in out and (small / "model.onnx").read_bytes() == graph
+    grown = AdapterSession(small)
+    assert grown.bank["slots"] == full.bank["slots"]
+    ids, mask = left_padded()
+    feeds = feeds_for(grown, ids, mask)
+    real = mask.numpy() == 1
+    for rows in (ROWS, ["third"] * 5):
+        assert np.abs(grown.run(feeds, adapters=rows)["logits"] - full.run(feeds, adapters=rows)["logits"])[real].max() <= 1e-6
+    np.testing.assert_array_equal(grown.generate(ids.numpy(), mask.numpy(), adapters=ROWS, max_new_tokens=6),
+                                  full.generate(ids.numpy(), mask.numpy(), adapters=ROWS, max_new_tokens=6))
+    report = run_checks(small)
+    assert report.passed, report.text()  # hashes, the new slot equal to its own file, the new file alone
+
+    # refusals: a taken name, an adapter for another base / other targets, an export that is not a bank
+    code, out, err = run_cli("bank", "add", small, ROOTS["gpt2"] / "third", "--name", "third")
+    assert code == 2 and "is in the bank already" in out + err
+    code, out, err = run_cli("bank", "add", small, ROOTS["llama"], "--name", "other")
+    assert code == 2 and "has no adapter input for" in out + err and "union of its adapters' targets" in out + err
+    assert AdapterSession(small).bank["slots"] == full.bank["slots"]  # nothing changed by the refusals
+    plain = export_onnx(ours, tmp_path / "plain", adapters=["default"])
+    code, out, err = run_cli("bank", "add", plain, ROOTS["gpt2"] / "third")
+    assert code == 2 and "not an adapter bank" in out + err and len((out + err).strip().splitlines()) == 1

@@ -122,8 +122,9 @@ def test_many_adapters_section_runs_as_written(tmp_path, capsys):
     text = README.read_text()
     section = text[text.index("## Many adapters in one batch"):text.index("## Serve with onnxruntime-genai")]
     blocks = re.findall(r"```python\n(.*?)```", section, re.S)
-    commands = [line for line in re.findall(r"```bash\n(.*?)```", section, re.S)[0].splitlines() if line.strip()]
-    assert len(blocks) == 3 and len(commands) == 1
+    commands = [line for block in re.findall(r"```bash\n(.*?)```", section, re.S) for line in block.splitlines()
+                if line.strip()]
+    assert len(blocks) == 3 and len(commands) == 2
     cwd = os.getcwd()
     os.chdir(tmp_path)
     try:
@@ -133,6 +134,8 @@ def test_many_adapters_section_runs_as_written(tmp_path, capsys):
         assert result.exit_code == 0, result.output
         for i, block in enumerate(blocks):
             exec(compile(block, f"README.md many-adapters block {i}", "exec"), {"__name__": "__readme__"})
+        result = CliRunner().invoke(main, shlex.split(commands[1])[1:])  # surgeon bank add
+        assert result.exit_code == 0 and "as slot 3" in result.output, result.output
     finally:
         os.chdir(cwd)
     printed = capsys.readouterr().out

@@ -173,6 +173,26 @@ def fold(model, adapter_dirs, output, weights, dtype, fmt, kv_cache, bits, requa
 
 
 
+@main.group()
+def bank():
+    """Adapter banks (exports made with `surgeon export ... --bank`)."""
+
+
+@bank.command("add")
+@click.argument("export_dir", type=click.Path(file_okay=False))
+@click.argument("adapter_dir", type=click.Path(file_okay=False))
+@click.option("--name", default=None, help="The adapter's name in the bank (default: the directory's name).")
+@friendly
+def bank_add(export_dir, adapter_dir, name):
+    """Add the PEFT adapter in ADAPTER_DIR to the bank in EXPORT_DIR as a new slot (model.onnx is not rewritten)."""
+    quiet()
+    from surgeon.onnx.bank import add_to_bank
+
+    name = name or Path(adapter_dir).resolve().name
+    entry = add_to_bank(export_dir, adapter_dir, name)
+    click.echo(f"added {name} to {export_dir} as slot {len(entry['slots']) - 1} (slots: {entry['slots']})")
+
+
 @main.command()
 @click.argument("model")
 @click.argument("adapter_dirs", nargs=-1, required=True)

@@ -1,0 +1,119 @@
+"""Grow an adapter bank without re-exporting its graph: ``add_to_bank`` appends a PEFT adapter as a new slot.
+
+The bank's graph takes A [adapter_slots, in, lora_r] and B [adapter_slots, lora_r, out] with both dims free, so
+a bank of any size and rank runs on the same ``model.onnx``: only ``adapters/bank.onnx_adapter`` is rewritten
+(ranks zero-padded to the new largest), the adapter's own one-slot file is added, and the manifest records both.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from surgeon.adapters import check_name, read_adapter_dir
+from surgeon.errors import AdapterError, did_you_mean
+from surgeon.names import MANIFEST, adapter_file, parse_peft_key
+from surgeon.onnx.manifest import export_path, file_digest, read_manifest
+
+
+def _write_adapter(path: Path, params: dict[str, np.ndarray]) -> Path:
+    """The ``.onnx_adapter`` written to a temporary file beside ``path``; returns that file (rename it into place)."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
+    os.close(fd)
+    fmt = ort.AdapterFormat()
+    fmt.set_adapter_version(1)
+    fmt.set_model_version(1)
+    values = {k: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v)) for k, v in params.items()}
+    fmt.set_parameters(values)  # it keeps pointers, not the arrays: ``values`` must outlive the export
+    fmt.export_adapter(tmp)
+    del values
+    return Path(tmp)
+
+
+def adapter_inputs(adapter_dir: str | os.PathLike, lora_inputs: list[dict], where: str) -> dict[str, tuple]:
+    """``path -> (A [in, r], B [r, out] * scale)`` of a PEFT adapter directory, checked against a bank's inputs."""
+    config, tensors = read_adapter_dir(adapter_dir)
+    known = {lo["path"]: lo for lo in lora_inputs}
+    parts: dict[str, dict[str, np.ndarray]] = {}
+    for key, value in tensors.items():
+        path, part = parse_peft_key(key)
+        if part not in ("A", "B"):
+            raise AdapterError(f"{adapter_dir}: {key} is a modules_to_save tensor; a bank holds LoRA A and B only "
+                               "(serve that adapter from its own export)")
+        if path not in known:
+            raise AdapterError(f"{adapter_dir}: it targets {path}{did_you_mean(path, known)}, which {where} has no "
+                               "adapter input for; re-export the bank with this adapter among the others (a bank "
+                               "covers the union of its adapters' targets)")
+        parts.setdefault(path, {})[part] = value.detach().float().numpy()
+    out = {}
+    for path, ab in sorted(parts.items()):
+        lo = known[path]
+        if set(ab) != {"A", "B"}:
+            raise AdapterError(f"{adapter_dir}: {path} has only lora_{next(iter(ab))}; the adapter file is incomplete")
+        a, b = ab["A"], ab["B"]
+        if a.shape[1] != lo["in"] or b.shape[0] != lo["out"] or a.shape[0] != b.shape[1]:
+            raise AdapterError(f"{adapter_dir}: {path} has A {list(a.shape)} and B {list(b.shape)}, but the bank's "
+                               f"module is {lo['in']} -> {lo['out']}; this adapter is for another base model")
+        out[path] = (a.T, b.T * config.scale_for(path))
+    return out
+
+
+def add_to_bank(export_dir: str | os.PathLike, adapter_dir: str | os.PathLike, name: str) -> dict:
+    """Append the PEFT adapter in ``adapter_dir`` to the bank in ``export_dir`` as ``name`` (its new slot).
+
+    ``model.onnx`` is not touched. Files are written beside their targets and renamed into place, the manifest last.
+    Returns the manifest's new bank entry.
+    """
+    export_dir = Path(export_dir)
+    manifest = read_manifest(export_dir)
+    bank = manifest.get("bank")
+    if not bank:
+        raise AdapterError(f"{export_dir}: not an adapter bank; export one with `surgeon export MODEL ADAPTER_DIR... "
+                           "-o OUT --bank`")
+    check_name(name, "adapter name (its .onnx_adapter file name)")
+    if name in manifest.get("adapters", {}) or name == "bank":
+        raise AdapterError(f"{export_dir}: an adapter named {name!r} is in the bank already; pick another --name")
+    new = adapter_inputs(adapter_dir, manifest["lora_inputs"], str(export_dir))
+    bank_path = export_path(export_dir, bank["file"], "bank.file")
+    held = ort.AdapterFormat.read_adapter(str(bank_path))
+    stacked = {k: np.array(v.numpy()) for k, v in held.get_parameters().items()}
+    del held
+    grown, own, ranks = {}, {}, {}
+    for lo in manifest["lora_inputs"]:
+        a_bank, b_bank = stacked[lo["a"]], stacked[lo["b"]]
+        a, b = new.get(lo["path"], (np.zeros((lo["in"], 0), np.float32), np.zeros((0, lo["out"]), np.float32)))
+        rank = max(a_bank.shape[2], a.shape[1])
+        slots = a_bank.shape[0] + 1
+        a_out = np.zeros((slots, lo["in"], rank), np.float32)
+        b_out = np.zeros((slots, rank, lo["out"]), np.float32)
+        a_out[:-1, :, : a_bank.shape[2]] = a_bank
+        b_out[:-1, : b_bank.shape[1]] = b_bank
+        a_out[-1, :, : a.shape[1]] = a
+        b_out[-1, : b.shape[0]] = b
+        grown[lo["a"]], grown[lo["b"]] = a_out, b_out
+        ranks[lo["path"]] = rank
+        if lo["path"] in new:
+            own[lo["a"]], own[lo["b"]] = a[None], b[None]
+    config, _ = read_adapter_dir(adapter_dir)
+    own_path = export_dir / adapter_file(name)
+    tmp_own, tmp_bank = _write_adapter(own_path, own), _write_adapter(bank_path, grown)
+    entry = {**bank, "slots": [*bank["slots"], name], "ranks": ranks}
+    manifest["bank"] = entry
+    manifest["adapters"][name] = {"file": adapter_file(name), "targets": sorted(new),
+                                  "ranks": sorted({a.shape[1] for a, _ in new.values()}),
+                                  "config": config.to_peft_dict()}
+    manifest.setdefault("adapter_sources", {})[name] = str(Path(adapter_dir).resolve())
+    os.replace(tmp_own, own_path)
+    os.replace(tmp_bank, bank_path)
+    manifest["files"][adapter_file(name)] = file_digest(own_path)
+    manifest["files"][bank["file"]] = file_digest(bank_path)
+    fd, tmp = tempfile.mkstemp(dir=export_dir, prefix=f".{MANIFEST}.tmp-")
+    with os.fdopen(fd, "w") as f:
+        f.write(json.dumps(manifest, indent=2) + "\n")
+    os.replace(tmp, export_dir / MANIFEST)
+    return entry
