@@ -26,6 +26,7 @@ from surgeon.model.adapter_state import AdapterState
 from surgeon.model.generate import generate
 from surgeon.model.graph_set import GraphSet
 from surgeon.model.losses import LOSS_CALLS, loss_kind, with_loss
+from surgeon.model.verbs import AdapterNames, TransformersVerbs
 from surgeon.quant import QuantLinear, check_quant_config, from_bitsandbytes, has_bitsandbytes_layers
 
 
@@ -37,8 +38,8 @@ class _Base(nn.Module):
         self.model = model
 
 
-class SurgeonModel(nn.Module):
-    """A base model with LoRA adapters, used like ``peft.PeftModel``."""
+class SurgeonModel(TransformersVerbs, nn.Module):
+    """A base model with LoRA adapters, used like ``peft.PeftModel`` (and with transformers' adapter verbs)."""
 
     def __init__(self, model: nn.Module, config: LoraConfig, adapter_name: str = "default", *, is_trainable: bool = True):
         super().__init__()
@@ -62,8 +63,8 @@ class SurgeonModel(nn.Module):
         return self.adapter_state.active
 
     @property
-    def active_adapters(self) -> list[str]:
-        return [self.adapter_state.active]
+    def active_adapters(self) -> AdapterNames:
+        return AdapterNames([self.adapter_state.active])
 
     def add_adapter(self, adapter_name: str, peft_config: LoraConfig, *, trainable: bool = True) -> None:
         """Add a new adapter (freshly initialised); the active adapter stays active."""
@@ -203,9 +204,7 @@ class SurgeonModel(nn.Module):
                         selected_adapters: list[str] | None = None, save_embedding_layers: str | bool = "auto",
                         is_main_process: bool = True, **kwargs: Any) -> None:
         """Write each adapter in PEFT's format: ``default`` in the directory, others in subdirectories.
-
-        ``is_main_process=False`` writes nothing (PEFT's meaning, for all but one rank of a distributed job).
-        """
+        ``is_main_process=False`` writes nothing (PEFT's meaning, for all but one rank of a distributed job)."""
         check_kwargs("save_pretrained", kwargs, params_of(SurgeonModel.save_pretrained))
         refuse_value("save_pretrained", "safe_serialization", safe_serialization, [True], "surgeon writes safetensors only")
         refuse_value("save_pretrained", "save_embedding_layers", save_embedding_layers, ["auto", False],
@@ -215,15 +214,18 @@ class SurgeonModel(nn.Module):
 
     def load_adapter(self, model_id: str, adapter_name: str = "default", is_trainable: bool = False,
                      torch_device: str | None = None, autocast_adapter_dtype: bool = True,
-                     low_cpu_mem_usage: bool = False, hotswap: bool = False, **kwargs: Any) -> None:
-        """Load a PEFT adapter directory as ``adapter_name``; with ``hotswap`` overwrite that adapter in place."""
+                     low_cpu_mem_usage: bool = False, hotswap: bool | str = "auto", **kwargs: Any) -> None:
+        """Load a PEFT adapter directory as ``adapter_name``; ``hotswap`` overwrites it in place ("auto": see verbs)."""
         check_kwargs("load_adapter", kwargs, params_of(SurgeonModel.load_adapter))
         refuse_peft_load_flags("load_adapter", autocast_adapter_dtype, low_cpu_mem_usage)
         device = next((p.device for p in self.base.parameters()), torch.device("cpu"))
         if torch_device is not None and torch.device(torch_device) != device:
             raise UnknownArgumentError(f"load_adapter: torch_device={torch_device!r} differs from the model's device "
                                        f"{device}; adapters live on the base's device: move the model with .to()")
+        hotswap = self._resolve_hotswap(hotswap, adapter_name)
         files.load_adapter_dir(self, model_id, adapter_name, trainable=is_trainable, hotswap=hotswap)
+        if self._hotswap_rank is not None and not hotswap:  # later hotswaps into it change no shape either
+            files.pad_for_hotswap(self, self._hotswap_rank)
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, model_id: str, adapter_name: str = "default",
