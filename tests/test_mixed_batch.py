@@ -26,7 +26,7 @@ from surgeon.onnx.decoding import empty_past
 from surgeon.onnx.export import export_onnx
 from surgeon.onnx.runtime import AdapterSession
 from surgeon.workflows.checks import run_checks
-from tests.conftest import ARCHS, V, make_base, run_cli
+from tests.conftest import ARCHS, V, make_base, run_cli, session_new_tokens, until_eos
 
 SECOND = {"gpt2": ["c_fc"], "llama": ["k_proj", "up_proj"]}
 NAMES = ["default", "__base__", "second", "third", "default"]
@@ -296,3 +296,16 @@ def test_bank_grows_without_touching_the_graph(models, banks, tmp_path):
     plain = export_onnx(ours, tmp_path / "plain", adapters=["default"])
     code, out, err = run_cli("bank", "add", plain, ROOTS["gpt2"] / "third")
     assert code == 2 and "not an adapter bank" in out + err and len((out + err).strip().splitlines()) == 1
+
+
+def test_genai_runs_a_bank_export_with_each_adapter_file(banks, genai):
+    """onnxruntime-genai feeds no adapter_ids (its default [0] applies the active one-slot file to every row):
+    greedy tokens equal AdapterSession's for the base and each adapter, on a padded batch."""
+    out = banks("llama")
+    session = AdapterSession(out)
+    eos = set(session.generation["eos_token_id"])
+    prompts = [[5, 6, 7, 8, 9, 10], [11, 12, 13]]
+    got = genai(out, prompts, adapters=(None, "default", "second", "third"), n=8)
+    for adapter in (None, "default", "second", "third"):
+        want = session_new_tokens(session, prompts, adapter, 8, PAD)
+        assert until_eos(got[adapter], eos) == until_eos(want, eos), adapter
