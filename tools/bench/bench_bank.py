@@ -205,15 +205,7 @@ def parent(args) -> int:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--models", default="gpt2,llama")
-    ap.add_argument("--runs", type=int, default=5)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--json", help="write the results here")
-    ap.add_argument("--quick", action="store_true", help="tiny configs: a smoke run")
-    ap.add_argument("--worker", help=argparse.SUPPRESS)
-    ap.add_argument("--model", help=argparse.SUPPRESS)
-    ap.add_argument("--dir", help=argparse.SUPPRESS)
+    ap = h.bench_parser(__doc__, runs=5)
     ap.add_argument("--vocab", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     args.seq = 16 if args.quick else 128

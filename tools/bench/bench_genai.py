@@ -158,18 +158,10 @@ def parent(args) -> int:
 
 
 def parse(argv=None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--models", default="gpt2,llama")
+    ap = h.bench_parser(__doc__, runs=3)
     ap.add_argument("--batches", default="1,8")
-    ap.add_argument("--runs", type=int, default=3, help="timed runs per round, after one warm-up")
     ap.add_argument("--rounds", type=int, default=2, help="rounds of genai, ours, ours@genai, interleaved")
-    ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--keep", help="keep the base, adapter and export here (and reuse an export found there)")
-    ap.add_argument("--json", help="write the results here")
-    ap.add_argument("--quick", action="store_true", help="tiny configs: a smoke run")
-    ap.add_argument("--worker", help=argparse.SUPPRESS)
-    ap.add_argument("--model", help=argparse.SUPPRESS)
-    ap.add_argument("--dir", help=argparse.SUPPRESS)
     ap.add_argument("--prompts", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     args.batch_list = [int(b) for b in args.batches.split(",") if b]

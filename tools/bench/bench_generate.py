@@ -228,17 +228,9 @@ def parent(args) -> int:
 
 
 def parse(argv=None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--models", default="gpt2,llama")
+    ap = h.bench_parser(__doc__, runs=3, json_help="write the raw seconds here")
     ap.add_argument("--batches", default="1,8")
-    ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--keep", help="keep the base, adapter and export here")
-    ap.add_argument("--json", help="write the raw seconds here")
-    ap.add_argument("--quick", action="store_true", help="tiny configs: a smoke run")
-    ap.add_argument("--worker", help=argparse.SUPPRESS)
-    ap.add_argument("--model", help=argparse.SUPPRESS)
-    ap.add_argument("--dir", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     args.batch_list = [int(b) for b in args.batches.split(",") if b]
     args.prompt, args.new = (8, 16) if args.quick else (PROMPT, NEW)  # the quick configs have 64 positions

@@ -10,6 +10,7 @@ measurement in its own subprocess so that peak RSS belongs to one tool.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -231,6 +232,20 @@ def median(xs: Sequence[float]) -> float:
 def emit(result: dict[str, Any]) -> None:
     """A worker's answer: one JSON line on stdout (progress goes to stderr)."""
     print(json.dumps(result), flush=True)
+
+
+def bench_parser(doc: str, runs: int = 3, json_help: str = "write the results here") -> argparse.ArgumentParser:
+    """The options the side-by-side benchmarks share (models, runs, threads, json, quick), and the hidden ones a
+    parent passes its workers (worker, model, dir)."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("--models", default="gpt2,llama")
+    ap.add_argument("--runs", type=int, default=runs)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--json", help=json_help)
+    ap.add_argument("--quick", action="store_true", help="tiny configs: a smoke run")
+    for hidden in ("--worker", "--model", "--dir"):
+        ap.add_argument(hidden, help=argparse.SUPPRESS)
+    return ap
 
 
 def run_worker(script: str, args: Sequence[str], python: str | None = None,
