@@ -133,10 +133,11 @@ class LoraLayer(nn.Module):
             slot = slot.repeat_interleave(x.shape[0] // slot.shape[0])
         out = base_out
         for k, name in enumerate(names):
-            adapter = self.adapters[name] if name in self.adapters and name not in self.merged else None
-            rows = (slot == k).nonzero().squeeze(1) if adapter is not None else None
-            if rows is not None and rows.numel():
-                out = out.index_add(0, rows, adapter.delta(x.index_select(0, rows)).to(base_out.dtype))
+            if name not in self.adapters or name in self.merged:
+                continue  # this adapter has no branch here: its rows keep the base output
+            rows = (slot == k).nonzero().squeeze(1)
+            if rows.numel():
+                out = out.index_add(0, rows, self.adapters[name].delta(x.index_select(0, rows)).to(base_out.dtype))
         return out
 
     def extra_repr(self) -> str:

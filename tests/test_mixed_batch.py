@@ -25,6 +25,7 @@ from surgeon.names import ADAPTER_IDS, BANK_FILE
 from surgeon.onnx.decoding import empty_past
 from surgeon.onnx.export import export_onnx
 from surgeon.onnx.runtime import AdapterSession
+from surgeon.onnx.writing import write_adapter_file
 from surgeon.workflows.checks import run_checks
 from tests.conftest import ARCHS, V, make_base, run_cli, session_new_tokens, until_eos
 
@@ -251,11 +252,7 @@ def test_check_proves_the_bank_equals_the_adapter_files_and_fails_an_altered_slo
     params = {k: np.array(v.numpy()) for k, v in held.get_parameters().items()}
     key = sorted(params)[0]
     params[key][1] *= 1.01  # slot 1 ("default") no longer its own file
-    fmt = ort.AdapterFormat()
-    fmt.set_adapter_version(1)
-    fmt.set_model_version(1)
-    fmt.set_parameters({k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in params.items()})
-    fmt.export_adapter(str(broken / BANK_FILE))
+    write_adapter_file(broken / BANK_FILE, params)
     manifest = json.loads((broken / "manifest.json").read_text())
     from surgeon.onnx.manifest import file_digest
     manifest["files"][BANK_FILE] = file_digest(broken / BANK_FILE)  # a consistent manifest: only the slot is wrong

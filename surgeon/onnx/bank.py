@@ -16,27 +16,25 @@ import numpy as np
 import onnxruntime as ort
 
 from surgeon.adapters import check_name, read_adapter_dir
+from surgeon.config import LoraConfig
 from surgeon.errors import AdapterError, did_you_mean
 from surgeon.names import MANIFEST, adapter_file, parse_peft_key
 from surgeon.onnx.manifest import export_path, file_digest, read_manifest
+from surgeon.onnx.writing import stack_slots, write_adapter_file
+from surgeon.outputs import atomic_write_bytes
 
 
-def _write_adapter(path: Path, params: dict[str, np.ndarray]) -> Path:
-    """The ``.onnx_adapter`` written to a temporary file beside ``path``; returns that file (rename it into place)."""
+def _write_beside(path: Path, arrays: dict[str, np.ndarray]) -> Path:
+    """``arrays`` as an ``.onnx_adapter`` in a temporary file beside ``path``; returns it (rename it into place)."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
     os.close(fd)
-    fmt = ort.AdapterFormat()
-    fmt.set_adapter_version(1)
-    fmt.set_model_version(1)
-    values = {k: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v)) for k, v in params.items()}
-    fmt.set_parameters(values)  # it keeps pointers, not the arrays: ``values`` must outlive the export
-    fmt.export_adapter(tmp)
-    del values
+    write_adapter_file(Path(tmp), arrays)
     return Path(tmp)
 
 
-def adapter_inputs(adapter_dir: str | os.PathLike, lora_inputs: list[dict], where: str) -> dict[str, tuple]:
-    """``path -> (A [in, r], B [r, out] * scale)`` of a PEFT adapter directory, checked against a bank's inputs."""
+def adapter_inputs(adapter_dir: str | os.PathLike, lora_inputs: list[dict], where: str) -> tuple[LoraConfig, dict]:
+    """The config and ``path -> (A [in, r], B [r, out] * scale)`` of a PEFT adapter directory, checked against a
+    bank's inputs."""
     config, tensors = read_adapter_dir(adapter_dir)
     known = {lo["path"]: lo for lo in lora_inputs}
     parts: dict[str, dict[str, np.ndarray]] = {}
@@ -60,7 +58,7 @@ def adapter_inputs(adapter_dir: str | os.PathLike, lora_inputs: list[dict], wher
             raise AdapterError(f"{adapter_dir}: {path} has A {list(a.shape)} and B {list(b.shape)}, but the bank's "
                                f"module is {lo['in']} -> {lo['out']}; this adapter is for another base model")
         out[path] = (a.T, b.T * config.scale_for(path))
-    return out
+    return config, out
 
 
 def add_to_bank(export_dir: str | os.PathLike, adapter_dir: str | os.PathLike, name: str) -> dict:
@@ -78,7 +76,7 @@ def add_to_bank(export_dir: str | os.PathLike, adapter_dir: str | os.PathLike, n
     check_name(name, "adapter name (its .onnx_adapter file name)")
     if name in manifest.get("adapters", {}) or name == "bank":
         raise AdapterError(f"{export_dir}: an adapter named {name!r} is in the bank already; pick another --name")
-    new = adapter_inputs(adapter_dir, manifest["lora_inputs"], str(export_dir))
+    config, new = adapter_inputs(adapter_dir, manifest["lora_inputs"], str(export_dir))
     bank_path = export_path(export_dir, bank["file"], "bank.file")
     held = ort.AdapterFormat.read_adapter(str(bank_path))
     stacked = {k: np.array(v.numpy()) for k, v in held.get_parameters().items()}
@@ -86,22 +84,13 @@ def add_to_bank(export_dir: str | os.PathLike, adapter_dir: str | os.PathLike, n
     grown, own, ranks = {}, {}, {}
     for lo in manifest["lora_inputs"]:
         a_bank, b_bank = stacked[lo["a"]], stacked[lo["b"]]
-        a, b = new.get(lo["path"], (np.zeros((lo["in"], 0), np.float32), np.zeros((0, lo["out"]), np.float32)))
-        rank = max(a_bank.shape[2], a.shape[1])
-        slots = a_bank.shape[0] + 1
-        a_out = np.zeros((slots, lo["in"], rank), np.float32)
-        b_out = np.zeros((slots, rank, lo["out"]), np.float32)
-        a_out[:-1, :, : a_bank.shape[2]] = a_bank
-        b_out[:-1, : b_bank.shape[1]] = b_bank
-        a_out[-1, :, : a.shape[1]] = a
-        b_out[-1, : b.shape[0]] = b
-        grown[lo["a"]], grown[lo["b"]] = a_out, b_out
-        ranks[lo["path"]] = rank
+        slots = [(a_bank[k], b_bank[k]) for k in range(a_bank.shape[0])] + [new.get(lo["path"])]
+        grown[lo["a"]], grown[lo["b"]] = stack_slots(slots, lo["in"], lo["out"])
+        ranks[lo["path"]] = grown[lo["a"]].shape[2]
         if lo["path"] in new:
-            own[lo["a"]], own[lo["b"]] = a[None], b[None]
-    config, _ = read_adapter_dir(adapter_dir)
+            own[lo["a"]], own[lo["b"]] = (t[None] for t in new[lo["path"]])
     own_path = export_dir / adapter_file(name)
-    tmp_own, tmp_bank = _write_adapter(own_path, own), _write_adapter(bank_path, grown)
+    tmp_own, tmp_bank = _write_beside(own_path, own), _write_beside(bank_path, grown)
     entry = {**bank, "slots": [*bank["slots"], name], "ranks": ranks}
     manifest["bank"] = entry
     manifest["adapters"][name] = {"file": adapter_file(name), "targets": sorted(new),
@@ -112,8 +101,5 @@ def add_to_bank(export_dir: str | os.PathLike, adapter_dir: str | os.PathLike, n
     os.replace(tmp_bank, bank_path)
     manifest["files"][adapter_file(name)] = file_digest(own_path)
     manifest["files"][bank["file"]] = file_digest(bank_path)
-    fd, tmp = tempfile.mkstemp(dir=export_dir, prefix=f".{MANIFEST}.tmp-")
-    with os.fdopen(fd, "w") as f:
-        f.write(json.dumps(manifest, indent=2) + "\n")
-    os.replace(tmp, export_dir / MANIFEST)
+    atomic_write_bytes(export_dir / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
     return entry

@@ -92,12 +92,30 @@ def _name_cache_dims(proto, layers: int) -> None:
         name(n, 2, "total_sequence")
 
 
-def _write_adapter_file(path: Path, params: dict) -> None:
+def write_adapter_file(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """``arrays`` as an ``.onnx_adapter`` (ONNX Runtime's format) at ``path``."""
     fmt = ort.AdapterFormat()
     fmt.set_adapter_version(1)
     fmt.set_model_version(1)
-    fmt.set_parameters(params)
+    values = {k: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()}
+    fmt.set_parameters(values)  # it keeps pointers, not the arrays: ``values`` must outlive the export
     fmt.export_adapter(str(path))
+    del values
+
+
+def stack_slots(parts: list[tuple[np.ndarray, np.ndarray] | None], in_features: int,
+                out_features: int) -> tuple[np.ndarray, np.ndarray]:
+    """One target's bank: slot k holds ``parts[k]`` (A [in, r_k], B [r_k, out]; None: zeros), every rank zero-padded
+    to the largest (exact). Returns A [slots, in, R], B [slots, R, out]."""
+    rank = max([a.shape[1] for a, _ in filter(None, parts)] or [0])
+    a_bank = np.zeros((len(parts), in_features, rank), np.float32)
+    b_bank = np.zeros((len(parts), rank, out_features), np.float32)
+    for slot, part in enumerate(parts):
+        if part is not None:
+            a, b = part
+            a_bank[slot, :, : a.shape[1]] = a
+            b_bank[slot, : b.shape[0]] = b
+    return a_bank, b_bank
 
 
 def write_bank(model, names: list[str], loras: tuple[LoraInput, ...], out: Path, rename: dict[str, str]) -> dict:
@@ -105,23 +123,15 @@ def write_bank(model, names: list[str], loras: tuple[LoraInput, ...], out: Path,
     slot k the k-th adapter (scale in B), every rank zero-padded to the target's largest (exact); targets an adapter
     lacks are zeros in its slot. Returns the manifest's ``bank`` entry."""
     layers = {layer.path: layer for layer in model.adapter_state.lora_layers()}
-    params, ranks = {}, {}
+    arrays, ranks = {}, {}
     for lo in loras:
         layer = layers[lo.path]
-        parts = {n: adapter_tensors(layer, n) for n in names if n in layer.adapters}
-        rank = max([a.shape[1] for a, _ in parts.values()] or [0])
-        a_bank = np.zeros((len(names) + 1, lo.in_features, rank), np.float32)
-        b_bank = np.zeros((len(names) + 1, rank, lo.out_features), np.float32)
-        for slot, name in enumerate(names, start=1):
-            if name in parts:
-                a, b = parts[name]
-                a_bank[slot, :, : a.shape[1]] = a.numpy()
-                b_bank[slot, : b.shape[0]] = b.numpy()
+        parts = [None] + [tuple(t.numpy() for t in adapter_tensors(layer, n)) if n in layer.adapters else None
+                          for n in names]
         name_a, name_b = onnx_input_names(lo.path)
-        params[name_a] = ort.OrtValue.ortvalue_from_numpy(a_bank)
-        params[name_b] = ort.OrtValue.ortvalue_from_numpy(b_bank)
-        ranks[lo.path] = rank
-    _write_adapter_file(out / BANK_FILE, params)
+        arrays[name_a], arrays[name_b] = stack_slots(parts, lo.in_features, lo.out_features)
+        ranks[lo.path] = arrays[name_a].shape[2]
+    write_adapter_file(out / BANK_FILE, arrays)
     return {"file": BANK_FILE, "input": ADAPTER_IDS, "slots": [None] + [rename.get(n, n) for n in names],
             "ranks": ranks}
 
@@ -144,12 +154,11 @@ def write_adapters(model, names: list[str], loras: tuple[LoraInput, ...], out: P
             if bank:
                 a, b = a.unsqueeze(0), b.unsqueeze(0)
             name_a, name_b = onnx_input_names(lo.path)
-            params[name_a] = ort.OrtValue.ortvalue_from_numpy(a.contiguous().numpy())
-            params[name_b] = ort.OrtValue.ortvalue_from_numpy(b.contiguous().numpy())
+            params[name_a], params[name_b] = a.numpy(), b.numpy()
             targets.append(lo.path)
             ranks.add(a.shape[-1])
         shown = rename.get(name, name)
-        _write_adapter_file(out / adapter_file(shown), params)
+        write_adapter_file(out / adapter_file(shown), params)
         written[shown] = {"file": adapter_file(shown), "targets": targets, "ranks": sorted(ranks),
                           "config": model.peft_config[name].to_peft_dict()}
     return written
