@@ -1,5 +1,7 @@
 """The injected graphs of one model: one per call signature plus the decode graph, each made on first
-use by one path (capture, then attach every adapter the model owns, in the order they were added)."""
+use by one path (capture, then attach every adapter the model owns, in the order they were added), and
+the fast variants derived from them (``fast``: causal attention without a mask, the graph without its
+output head for the chunked loss), made on first use and dropped whenever their source graph changes."""
 
 from __future__ import annotations
 
@@ -11,6 +13,8 @@ from surgeon.capturing import DECODE_KEY, capture, capture_decoder
 from surgeon.config import LoraConfig
 from surgeon.matching import match
 from surgeon.model.adapter_state import AdapterState
+from surgeon.passes.attention import causal_attention
+from surgeon.passes.head import Head, headless
 from surgeon.passes.lora import attach
 
 
@@ -18,6 +22,7 @@ class GraphSet:
     def __init__(self, base: nn.Module, state: AdapterState):
         self.base, self.state = base, state
         self.graphs: dict[tuple, fx.GraphModule] = {}
+        self.derived: dict[tuple, tuple[fx.GraphModule, Head | None]] = {}  # (sig, causal, headless) -> variant
         self.training = True
 
     def __contains__(self, sig: tuple) -> bool:
@@ -40,6 +45,20 @@ class GraphSet:
             self._store(sig, capture(self.base, call))
         return self.graphs[sig]
 
+    def fast(self, sig: tuple, call: dict, *, causal: bool, cut_head: bool) -> tuple[fx.GraphModule, Head | None]:
+        """The graph for ``sig`` with the causal rewrite and/or without its head, where each is exact (a pass
+        that does not apply leaves the graph as it was; the head is None unless it was cut)."""
+        key = (sig, causal, cut_head)
+        if key not in self.derived:
+            graph, head = self.get(sig, call), None
+            if causal:
+                graph = causal_attention(graph, getattr(self.base, "config", None)) or graph
+            if cut_head and (cut := headless(graph)) is not None:
+                graph, head = cut
+            graph.train(self.training)
+            self.derived[key] = graph, head
+        return self.derived[key]
+
     def decoder(self) -> fx.GraphModule:
         if DECODE_KEY not in self.graphs:
             graph, _ = capture_decoder(self.base)
@@ -55,18 +74,21 @@ class GraphSet:
 
     def attach_new(self, config: LoraConfig) -> None:
         """Every graph calls the adapter just added to the state (new graphs; the old ones are dropped)."""
+        self.derived.clear()
         for sig, graph in list(self.graphs.items()):
             self.graphs[sig] = attach(graph, match(graph, config), self.state.registry())
 
     def clear(self) -> None:
         """Drop every graph (the base's tensors changed identity): capture again on next use."""
         self.graphs.clear()
+        self.derived.clear()
 
     def train(self, mode: bool) -> None:
         self.training = mode
-        for graph in self.graphs.values():
+        for graph in [*self.graphs.values(), *(g for g, _ in self.derived.values())]:
             graph.train(mode)
 
     def apply(self, fn: Callable, recurse: bool) -> None:
+        self.derived.clear()  # made again from the moved graphs on next use
         for graph in self.graphs.values():
             graph._apply(fn, recurse)  # idempotent for shared tensors; moves graph-only constants

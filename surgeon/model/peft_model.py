@@ -17,7 +17,7 @@ import torch
 from torch import fx, nn
 
 from surgeon.adapters import check_ranks, check_tensors, read_adapter_dir
-from surgeon.capturing import CacheLayout, accepts, signature_of
+from surgeon.capturing import CacheLayout, signature_of
 from surgeon.compat import check_kwargs, forward_keywords, params_of, refuse_peft_load_flags, refuse_value
 from surgeon.config import LoraConfig
 from surgeon.errors import AdapterError, UnknownArgumentError
@@ -25,7 +25,7 @@ from surgeon.model import files, merging
 from surgeon.model.adapter_state import AdapterState
 from surgeon.model.generate import generate
 from surgeon.model.graph_set import GraphSet
-from surgeon.model.losses import LOSS_CALLS, loss_kind, with_loss
+from surgeon.model.forward import run_forward
 from surgeon.model.verbs import AdapterNames, TransformersVerbs
 from surgeon.quant import QuantLinear, check_quant_config, from_bitsandbytes, has_bitsandbytes_layers
 
@@ -50,6 +50,7 @@ class SurgeonModel(TransformersVerbs, nn.Module):
         self.adapter_modules = nn.Module()  # surgeon_lora.* and surgeon_saved.*, shared by every graph
         self.adapter_state = AdapterState(self.adapter_modules)
         self.graphs = GraphSet(model, self.adapter_state)
+        self.fast_paths = True  # exact rewrites per call: causal attention, chunked loss (surgeon/model/forward.py)
         model.requires_grad_(False)
         self.add_adapter(adapter_name, config, trainable=is_trainable)
 
@@ -109,23 +110,13 @@ class SurgeonModel(TransformersVerbs, nn.Module):
         return graph, graph.meta["cache_layout"]
 
     def forward(self, input_ids=None, attention_mask=None, labels=None, num_items_in_batch=None, adapter_names=None,
-                **kwargs):
-        """The base model's forward in the injected graph; ``adapter_names``: one adapter per row (PEFT's)."""
+                skip_logits=None, **kwargs):
+        """The base model's forward in the injected graph; ``adapter_names``: one adapter per row (PEFT's);
+        ``skip_logits``: leave ``logits`` out when a loss is computed (default: in training; see ``forward.py``)."""
         first = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
         with self.adapter_state.rows(adapter_names, first, self.training, "forward"):
-            return self._forward(input_ids, attention_mask, labels, num_items_in_batch, **kwargs)
-
-    def _forward(self, input_ids, attention_mask, labels, num_items_in_batch, **kwargs):
-        call = {"input_ids": input_ids, "attention_mask": attention_mask, **kwargs}
-        return_dict = call.pop("return_dict", None)
-        call = {k: v for k, v in call.items() if v is not None}
-        if "use_cache" not in call and not {"cache", "past_key_values"} & set(call) and accepts(self.base, "use_cache"):
-            call["use_cache"] = False
-        if labels is not None and loss_kind(self.base) not in LOSS_CALLS:
-            call["labels"] = labels  # unknown head: let the model compute its own loss in the graph
-            labels = None
-        out = with_loss(self.base, self.graph_for(**call)(**call), labels, num_items_in_batch)
-        return out.to_tuple() if return_dict is False else out
+            call = {"input_ids": input_ids, "attention_mask": attention_mask, **kwargs}
+            return run_forward(self, call, labels, num_items_in_batch, skip_logits)
 
     @property
     def accepts_loss_kwargs(self) -> bool:
