@@ -78,9 +78,11 @@ def inject(model, targets, rank, alpha, dropout, all_linear, dry_run, output, bi
 @click.option("-o", "--output", default="runs/adapter", show_default=True, type=click.Path(file_okay=False))
 @click.option("--force", is_flag=True, help="Replace OUT if it exists (never a model directory or an input).")
 @bits_option
+@click.option("--compile", "compile_graphs", is_flag=True,
+              help="torch.compile the injected graph (inductor): a slow first step, faster steps after.")
 @friendly
 def train(model, data, heldout, targets, rank, alpha, dropout, all_linear, steps, lr, batch_size, seq_len, seed,
-          eval_blocks_n, output, force, bits):
+          eval_blocks_n, output, force, bits, compile_graphs):
     """Fine-tune a LoRA adapter on MODEL (default: the embedded tiny GPT-2) and write it."""
     quiet()
     import torch
@@ -109,7 +111,8 @@ def train(model, data, heldout, targets, rank, alpha, dropout, all_linear, steps
     base = load_base(model, bits)
     for b, source in ((blocks, data or DEFAULT_DATA), (eval_blocks, heldout or data or DEFAULT_HELDOUT)):
         check_vocab(b, base.config.vocab_size, Path(source))
-    peft_model = get_peft_model(base, lora_config(targets, rank, alpha, dropout, all_linear, base_name(model)))
+    peft_model = get_peft_model(base, lora_config(targets, rank, alpha, dropout, all_linear, base_name(model)),
+                                compile=compile_graphs)
     peft_model.print_trainable_parameters()
     click.echo(f"data: {len(blocks)} training blocks, {len(eval_blocks)} held-out blocks of {seq_len} tokens")
     result = run(peft_model, blocks, eval_blocks, settings)

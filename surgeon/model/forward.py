@@ -9,6 +9,8 @@ Two exact fast paths, on by default (``model.fast_paths``; tested against the pl
   mode; ``skip_logits=False`` asks for them) runs the graph without its head, and the loss applies the
   head a few hundred rows at a time (``surgeon.model.chunked_loss``); ``logits`` is then None, as in
   transformers' Liger-kernel path.
+
+``model.compile_graphs`` (``get_peft_model(..., compile=True)``) runs each graph through ``torch.compile``.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ def run_forward(model: nn.Module, call: dict[str, Any], labels, num_items_in_bat
         graph, head = _fast_graph(model, call, cut_head) or (graph, None)
     elif skip_logits:
         raise ValueError("forward: skip_logits=True needs model.fast_paths (it is False on this model)")
-    out = graph(**call)
+    out = (model.graphs.compiled(graph) if model.compile_graphs else graph)(**call)
     if head is not None:
         loss = chunked_causal_lm_loss(out.logits, head, labels, num_items_in_batch)
         out = type(out)(loss=loss, **{k: v for k, v in out.items() if k not in ("loss", "logits")})

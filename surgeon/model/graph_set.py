@@ -5,9 +5,12 @@ output head for the chunked loss), made on first use and dropped whenever their 
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Iterator
 
+import torch
 from torch import fx, nn
+
 
 from surgeon.capturing import DECODE_KEY, capture, capture_decoder
 from surgeon.config import LoraConfig
@@ -24,6 +27,7 @@ class GraphSet:
         self.graphs: dict[tuple, fx.GraphModule] = {}
         self.derived: dict[tuple, tuple[fx.GraphModule, Head | None]] = {}  # (sig, causal, headless) -> variant
         self.training = True
+        self._compiled: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # graph -> torch.compile(graph)
 
     def __contains__(self, sig: tuple) -> bool:
         return sig in self.graphs
@@ -58,6 +62,15 @@ class GraphSet:
             graph.train(self.training)
             self.derived[key] = graph, head
         return self.derived[key]
+
+    def compiled(self, graph: fx.GraphModule) -> Callable:
+        """``torch.compile(graph)`` (inductor), made once per graph: dynamo keeps one compiled graph per
+        ``train()``/``eval()`` mode on it; inductor's own on-disk caches (FX graph, AOTAutograd; torch's default
+        folder, or ``TORCHINDUCTOR_CACHE_DIR``) make a second process start faster."""
+        fn = self._compiled.get(graph)
+        if fn is None:
+            fn = self._compiled[graph] = torch.compile(graph)
+        return fn
 
     def decoder(self) -> fx.GraphModule:
         if DECODE_KEY not in self.graphs:

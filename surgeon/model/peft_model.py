@@ -51,6 +51,7 @@ class SurgeonModel(TransformersVerbs, nn.Module):
         self.adapter_state = AdapterState(self.adapter_modules)
         self.graphs = GraphSet(model, self.adapter_state)
         self.fast_paths = True  # exact rewrites per call: causal attention, chunked loss (surgeon/model/forward.py)
+        self.compile_graphs = False  # torch.compile each graph it runs (get_peft_model(..., compile=True))
         model.requires_grad_(False)
         self.add_adapter(adapter_name, config, trainable=is_trainable)
 
@@ -305,10 +306,11 @@ def trainable_parameters_line(trainable: int, total: int) -> str:
 
 def get_peft_model(model: nn.Module, peft_config: LoraConfig, adapter_name: str = "default", mixed: bool = False,
                    autocast_adapter_dtype: bool = True, revision: str | None = None, low_cpu_mem_usage: bool = False,
-                   **kwargs: Any) -> SurgeonModel:
+                   compile: bool = False, **kwargs: Any) -> SurgeonModel:
     """Capture ``model``, inject ``peft_config``'s LoRA, freeze everything else (PEFT's entry point).
 
     PEFT's other arguments are accepted by name at the values surgeon honours and refused otherwise.
+    ``compile=True`` (surgeon's): every injected graph runs through ``torch.compile`` (inductor).
     """
     check_kwargs("get_peft_model", kwargs, params_of(get_peft_model))
     refuse_value("get_peft_model", "mixed", mixed, [False], "surgeon has no PeftMixedModel; add adapters of one method")
@@ -317,4 +319,6 @@ def get_peft_model(model: nn.Module, peft_config: LoraConfig, adapter_name: str 
     if not isinstance(peft_config, LoraConfig):
         raise AdapterError(f"get_peft_model takes a surgeon.LoraConfig, got {type(peft_config).__name__}; "
                            "build one with surgeon.LoraConfig(...) (same fields as peft.LoraConfig)")
-    return SurgeonModel(model, peft_config, adapter_name)
+    peft_model = SurgeonModel(model, peft_config, adapter_name)
+    peft_model.compile_graphs = bool(compile)
+    return peft_model

@@ -51,7 +51,7 @@ def mean_loss(model, blocks: torch.Tensor, batch_size: int) -> float:
     total = 0.0
     for i in range(0, len(blocks), batch_size):
         batch = blocks[i:i + batch_size]
-        total += model(input_ids=batch, labels=batch).loss.item() * len(batch)
+        total += model(input_ids=batch, labels=batch, skip_logits=True).loss.item() * len(batch)
     model.train(was)
     return total / len(blocks)
 
