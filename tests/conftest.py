@@ -5,10 +5,13 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import NamedTuple
 
 os.environ["HF_HUB_OFFLINE"] = "1"
+if "SURGEON_CACHE_DIR" not in os.environ:  # the capture cache of this test run (never the user's ~/.cache)
+    os.environ["SURGEON_CACHE_DIR"] = tempfile.mkdtemp(prefix="surgeon-test-cache-")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import pytest

@@ -26,6 +26,7 @@ from torch.export import Dim
 
 from surgeon.capturing.decoder import DECODE_KEY, CacheLayout, cache_layout, decode_example, decode_forward, forward_as
 from surgeon.capturing.inputs import dynamic_shapes, example_inputs, signature_of
+from surgeon.capturing import store
 from surgeon.capturing.modules import capture_info
 from surgeon.errors import CaptureError
 from surgeon.graphs import copy_graph
@@ -74,14 +75,27 @@ def _cached(model: nn.Module, sig: tuple, cache: bool, export) -> fx.GraphModule
     if key not in per_model:
         structure = _structure_key(model, sig) if cache else None
         graph = _bind(_TEMPLATES[structure], model) if structure in _TEMPLATES else None
+        if graph is None and structure is not None:
+            graph = _from_disk(model, structure, sig)
         if graph is None:
             graph = export()
             if structure is not None:
                 _TEMPLATES[structure] = _template(graph)
+                store.save(_TEMPLATES[structure], store.disk_key(structure))
         per_model[key] = graph
     new = copy_graph(per_model[key])
     new.train(model.training)
     return new
+
+
+def _from_disk(model: nn.Module, structure: tuple, sig: tuple) -> fx.GraphModule | None:
+    """The graph from the capture cache on disk (``store``), bound to ``model``'s tensors, or None."""
+    graph = store.load(store.disk_key(structure), _model_tensors(model))
+    if graph is None:
+        return None
+    graph.meta["surgeon"] = capture_info(model, sig)
+    _TEMPLATES[structure] = _template(graph)
+    return graph
 
 
 def _model_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
