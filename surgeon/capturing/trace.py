@@ -93,8 +93,7 @@ def _from_disk(model: nn.Module, structure: tuple, sig: tuple) -> fx.GraphModule
     graph = store.load(store.disk_key(structure), _model_tensors(model))
     if graph is None:
         return None
-    graph.meta["surgeon"] = capture_info(model, sig)
-    _TEMPLATES[structure] = _template(graph)
+    graph.meta["surgeon"] = capture_info(model, sig)  # no in-memory template: the next model of it reads the file too
     return graph
 
 
