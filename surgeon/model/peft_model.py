@@ -25,6 +25,7 @@ from surgeon.model import files, merging
 from surgeon.model.adapter_state import AdapterState
 from surgeon.model.generate import generate
 from surgeon.model.graph_set import GraphSet
+from surgeon.model.distributed import DistributedHooks
 from surgeon.model.forward import run_forward
 from surgeon.model.verbs import AdapterNames, TransformersVerbs
 from surgeon.quant import QuantLinear, check_quant_config, from_bitsandbytes, has_bitsandbytes_layers
@@ -38,7 +39,7 @@ class _Base(nn.Module):
         self.model = model
 
 
-class SurgeonModel(TransformersVerbs, nn.Module):
+class SurgeonModel(TransformersVerbs, DistributedHooks, nn.Module):
     """A base model with LoRA adapters, used like ``peft.PeftModel`` (and with transformers' adapter verbs)."""
 
     def __init__(self, model: nn.Module, config: LoraConfig, adapter_name: str = "default", *, is_trainable: bool = True):
