@@ -96,6 +96,18 @@ def test_trainable_or_adapted_head_keeps_the_full_logits():
     assert head is None
 
 
+def test_a_head_unfrozen_later_gets_the_full_loss():
+    model = _model("llama")
+    inputs = batch("llama")
+    assert model(**inputs).logits is None
+    model.base.lm_head.weight.requires_grad_(True)
+    out = model(**inputs)  # the head's gradient needs the full logits: the plain loss, no error
+    out.loss.backward()
+    assert out.logits is not None and model.base.lm_head.weight.grad is not None
+    model.fast_paths = False
+    assert abs(model(**inputs).loss.item() - out.loss.item()) <= 1e-5
+
+
 def test_sliding_window_and_position_ids_take_the_masked_path():
     torch.manual_seed(0)
     config = transformers.Qwen2Config(vocab_size=V, num_hidden_layers=2, num_attention_heads=4, hidden_size=32,
