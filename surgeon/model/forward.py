@@ -40,7 +40,7 @@ def run_forward(model: nn.Module, call: dict[str, Any], labels, num_items_in_bat
     if model.fast_paths:
         cut_head = labels is not None and kind == "ForCausalLM" and (model.training if skip_logits is None else skip_logits)
         graph, head = _fast_graph(model, call, cut_head) or (graph, None)
-        if head is not None and any(t is not None and t.requires_grad for t in head):  # the head was unfrozen since
+        if head is not None and any(t is not None and t.requires_grad for t in head):  # a trainable head: full logits
             graph, head = _fast_graph(model, call, False) or (model.graph_for(**call), None)
     elif skip_logits:
         raise ValueError("forward: skip_logits=True needs model.fast_paths (it is False on this model)")

@@ -11,7 +11,6 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import fx, nn
 
-
 from surgeon.capturing import DECODE_KEY, capture, capture_decoder
 from surgeon.config import LoraConfig
 from surgeon.matching import match

@@ -61,10 +61,7 @@ def causal_attention(gm: fx.GraphModule, config=None) -> fx.GraphModule | None:
 
 
 def _sliding_window(config) -> bool:
-    window = getattr(config, "sliding_window", None)
-    if not window or getattr(config, "use_sliding_window", True) is False:
-        return False
-    return True
+    return bool(getattr(config, "sliding_window", None)) and getattr(config, "use_sliding_window", True) is not False
 
 
 def _mask_of(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:

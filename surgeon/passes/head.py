@@ -3,12 +3,12 @@
 A causal LM's graph ends in ``logits = linear(hidden, lm_head.weight[, bias])``: [batch, seq, vocab]
 floats (GPT-2: 50,257 per token), which the loss turns into a log-softmax of the same size and whose
 gradient is as large again. The copy returned here outputs ``hidden`` in the logits' place and hands back
-the head's frozen weight and bias, for ``surgeon.model.chunked_loss``, which never holds more than a
-few hundred rows of logits at a time.
+the head's weight and bias, for ``surgeon.model.chunked_loss``, which never holds more than a few
+hundred rows of logits at a time.
 
 Only an exact rewrite is made: the logits must come straight from one ``aten.linear`` whose weight (and
-bias) are frozen tensors of the graph (no adapter, softcapping or scaling after the head, and no
-trainable head, whose gradient the chunked loss does not compute).
+bias) are tensors of the graph (no adapter, softcapping or scaling after the head). Whether the head is
+frozen can change after the cut, so the caller checks it per call (``surgeon.model.forward``).
 """
 
 from __future__ import annotations
@@ -46,10 +46,7 @@ def headless(gm: fx.GraphModule) -> tuple[fx.GraphModule, Head] | None:
             continue
         if not (isinstance(node, fx.Node) and node.op == "get_attr"):
             return None
-        tensor = fetch_attr(gm, node.target)
-        if tensor.requires_grad:
-            return None
-        tensors.append(tensor)
+        tensors.append(fetch_attr(gm, node.target))
     if len(head_node.users) != 1:  # the logits feed something besides the output
         return None
     new = copy_graph(gm)
