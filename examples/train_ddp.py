@@ -1,13 +1,15 @@
 """Data-parallel LoRA training of the embedded tiny GPT-2 on the bundled text, on several processes.
 
     torchrun --standalone --nproc-per-node 2 examples/train_ddp.py --out runs/ddp
+    torchrun --standalone --nproc-per-node 2 examples/train_ddp.py --fsdp --out runs/fsdp
     accelerate launch --multi_gpu --num_processes 2 examples/train_ddp.py --trainer --out runs/ddp-trainer
 
 (``--multi_gpu`` is Accelerate's DDP launcher; without a GPU it runs on CPU with gloo.) Plain mode wraps the
 surgeon model in ``DistributedDataParallel`` itself; ``--trainer`` hands it to ``transformers.Trainer``, which
 wraps it the same way. Either way DDP synchronises only the adapter tensors: a surgeon model tells DDP to leave
 its frozen base alone (no broadcast at start, no all-reduce), each rank loads the base itself, and rank 0's
-adapter initialisation is broadcast. Each rank trains on its own slice of every batch; rank 0 prints progress
+adapter initialisation is broadcast. ``--fsdp`` shards the whole model with FSDP2's ``fully_shard`` instead:
+each rank keeps half of every base tensor between steps. Each rank trains on its own slice of every batch; rank 0 prints progress
 and writes the adapter (PEFT's files, as one process would).
 """
 
@@ -18,12 +20,14 @@ import os
 
 import torch
 import torch.distributed as dist
+from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 import surgeon
 from surgeon.bundled import DEFAULT_DATA
 from surgeon.hub import load_tokenizer
+from surgeon.workflows.processes import settle_and_destroy
 from surgeon.workflows.train import token_blocks
 
 
@@ -32,6 +36,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--batch-size", type=int, default=8, help="the global batch, split across the processes")
     parser.add_argument("--trainer", action="store_true", help="train with transformers.Trainer")
+    parser.add_argument("--fsdp", action="store_true", help="FSDP2 (fully_shard over the whole model) instead of DDP")
     parser.add_argument("--out", default="runs/ddp")
     args = parser.parse_args()
     world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
@@ -53,7 +58,10 @@ def main() -> None:
         return
     if world > 1:
         dist.init_process_group("gloo")
-    ddp = DistributedDataParallel(model) if world > 1 else model
+    if args.fsdp and world > 1:
+        wrapped = fully_shard(model)  # the model as one unit (a surgeon model refuses a shard on one of its layers)
+    else:
+        wrapped = DistributedDataParallel(model) if world > 1 else model
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-3)
     order = torch.randperm(len(blocks), generator=torch.Generator().manual_seed(0))
     share = args.batch_size // world
@@ -61,16 +69,16 @@ def main() -> None:
     for step in bar:
         rows = order[(step * args.batch_size + torch.arange(args.batch_size)) % len(blocks)]
         mine = blocks[rows[rank * share:(rank + 1) * share]]
-        loss = ddp(input_ids=mine, labels=mine).loss
+        loss = wrapped(input_ids=mine, labels=mine).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
         bar.set_postfix(loss=f"{loss.item():.3f}")
-    model.save_pretrained(args.out, is_main_process=rank == 0)
+    model.save_pretrained(args.out, is_main_process=rank == 0)  # every rank calls it: under FSDP it gathers the adapter
     if rank == 0:
         print(f"wrote adapter to {args.out}")
     if world > 1:
-        dist.destroy_process_group()
+        settle_and_destroy()  # a barrier first: gloo's destructor can otherwise hang (see its docstring)
 
 
 if __name__ == "__main__":

@@ -1,10 +1,10 @@
 """One rank of tests/test_distributed.py (run by torchrun, or alone as the 1-process reference).
 
-python tests/distributed_worker.py OUT [--trainer]: trains a tiny Llama's LoRA adapter for 10 AdamW steps on a
+python tests/distributed_worker.py OUT [--trainer | --fsdp]: trains a tiny Llama's LoRA adapter for 10 AdamW steps on a
 fixed global batch of 4 rows, this rank's share of it (all 4 rows when alone), and writes OUT/rank{R}.json
 (the loss of every step averaged over ranks, and what DDP synchronises) and, on rank 0, the adapter to OUT/adapter.
 With --trainer, transformers.Trainer runs the same steps (it wraps the model in DDP itself, through Accelerate),
-under torchrun or ``accelerate launch``.
+under torchrun or ``accelerate launch``. With --fsdp, our loop over ``fully_shard(model)`` (FSDP2) instead of DDP.
 """
 
 from __future__ import annotations
@@ -16,11 +16,14 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
 sys.path.insert(0, str(Path(__file__).parent))
 
 import surgeon  # noqa: E402
+from surgeon.workflows.processes import settle_and_destroy  # noqa: E402
 from conftest import batch, make_base  # noqa: E402
 
 STEPS, ROWS = 10, 4
@@ -69,8 +72,17 @@ def main(out: Path) -> None:
         dist.init_process_group("gloo")
     model = _model(rank)
     trainable = sorted(n for n, p in model.named_parameters() if p.requires_grad)
-    wrapped = DistributedDataParallel(model) if world > 1 else model
-    synced = sorted(n for n, _ in wrapped.module.named_parameters() if n not in wrapped.parameters_to_ignore) if world > 1 else trainable
+    if "--fsdp" in sys.argv[2:]:
+        model.train()
+        if "--layers" in sys.argv[2:]:
+            fully_shard(model.base.model.layers[0])
+        wrapped = fully_shard(model)  # the same object, now an FSDPModule: rank 0's adapter init is broadcast
+        synced = sorted(n for n, p in model.named_parameters() if p.requires_grad and isinstance(p, DTensor))
+        shard_rows = {n: p.to_local().shape[0] for n, p in model.base.named_parameters() if isinstance(p, DTensor)}
+    else:
+        wrapped = DistributedDataParallel(model) if world > 1 else model
+        synced = sorted(n for n, _ in wrapped.module.named_parameters() if n not in wrapped.parameters_to_ignore) if world > 1 else trainable
+        shard_rows = {}
     data = batch("llama", b=ROWS, s=9)
     share = ROWS // world
     mine = {k: v[rank * share:(rank + 1) * share] for k, v in data.items()}
@@ -90,9 +102,10 @@ def main(out: Path) -> None:
         losses.append(mean.item())
     model.save_pretrained(str(out / "adapter"), is_main_process=rank == 0)
     (out / f"rank{rank}.json").write_text(json.dumps({"losses": losses, "synced": synced, "trainable": trainable,
-                                                       "base_params": sum(1 for _, p in model.base.named_parameters())}))
+                                                       "base_params": sum(1 for _, p in model.base.named_parameters()),
+                                                       "shard_rows": shard_rows}))
     if world > 1:
-        dist.destroy_process_group()
+        settle_and_destroy()  # a barrier first: gloo's destructor can otherwise hang (see its docstring)
 
 
 if __name__ == "__main__":

@@ -69,6 +69,11 @@ def capture_decoder(model: nn.Module, *, cache: bool = True) -> tuple[fx.GraphMo
     return graph, layout
 
 
+def forget(model: nn.Module) -> None:
+    """Drop the graphs kept to copy for ``model``'s next captures: they hold its tensors, which FSDP replaces."""
+    _CACHE.pop(model, None)
+
+
 def _cached(model: nn.Module, sig: tuple, cache: bool, export) -> fx.GraphModule:
     per_model = _CACHE.setdefault(model, {}) if cache else {}
     key = (sig, _fingerprint(model))

@@ -83,14 +83,18 @@ def inject(model, targets, rank, alpha, dropout, all_linear, dry_run, output, bi
 @friendly
 def train(model, data, heldout, targets, rank, alpha, dropout, all_linear, steps, lr, batch_size, seq_len, seed,
           eval_blocks_n, output, force, bits, compile_graphs):
-    """Fine-tune a LoRA adapter on MODEL (default: the embedded tiny GPT-2) and write it."""
+    """Fine-tune a LoRA adapter on MODEL (default: the embedded tiny GPT-2) and write it.
+
+    Under torchrun or accelerate launch, each process trains on its share of every batch (--batch-size is the
+    global batch) and rank 0 shows progress and writes OUT."""
     quiet()
     import torch
 
     from surgeon.bundled import BUILTIN_TARGETS, DEFAULT_DATA, DEFAULT_HELDOUT, DEFAULT_MODEL
     from surgeon.hub import load_tokenizer
-    from surgeon.model import get_peft_model
+    from surgeon.model import get_peft_model, trainable_parameters_line
     from surgeon.quant import load_base
+    from surgeon.workflows.processes import process_group
     from surgeon.workflows.train import TrainSettings, check_vocab, token_blocks
     from surgeon.workflows.train import train as run
 
@@ -113,13 +117,18 @@ def train(model, data, heldout, targets, rank, alpha, dropout, all_linear, steps
         check_vocab(b, base.config.vocab_size, Path(source))
     peft_model = get_peft_model(base, lora_config(targets, rank, alpha, dropout, all_linear, base_name(model)),
                                 compile=compile_graphs)
-    peft_model.print_trainable_parameters()
-    click.echo(f"data: {len(blocks)} training blocks, {len(eval_blocks)} held-out blocks of {seq_len} tokens")
-    result = run(peft_model, blocks, eval_blocks, settings)
-    before, after = result["heldout_loss_before"], result["heldout_loss_after"]
-    click.echo(f"held-out loss: {before:.4f} -> {after:.4f} ({100 * (after - before) / before:+.1f}%)")
-    write_adapter(peft_model, output, inputs, force)
-    click.echo(f"wrote adapter to {output}")
+    with process_group() as ranks:
+        ranks.share(batch_size, "--batch-size")  # refused before any work
+        say = click.echo if ranks.main else (lambda _: None)
+        say(trainable_parameters_line(*peft_model.get_nb_trainable_parameters()))
+        each = f" over {ranks.world} processes ({batch_size // ranks.world} rows of each batch)" if ranks.world > 1 else ""
+        say(f"data: {len(blocks)} training blocks, {len(eval_blocks)} held-out blocks of {seq_len} tokens{each}")
+        result = run(peft_model, blocks, eval_blocks, settings, ranks=ranks)
+        before, after = result["heldout_loss_before"], result["heldout_loss_after"]
+        say(f"held-out loss: {before:.4f} -> {after:.4f} ({100 * (after - before) / before:+.1f}%)")
+        if ranks.main:
+            write_adapter(peft_model, output, inputs, force)
+        say(f"wrote adapter to {output}")
 
 
 

@@ -22,11 +22,13 @@ from torch import nn
 
 from surgeon.capturing import accepts, signature_of
 from surgeon.model.chunked_loss import chunked_causal_lm_loss
+from surgeon.model.distributed import bind_gathered
 from surgeon.model.losses import LOSS_CALLS, loss_kind, with_loss
 from surgeon.passes.attention import CAUSAL_SAFE_INPUTS
 
 
 def run_forward(model: nn.Module, call: dict[str, Any], labels, num_items_in_batch, skip_logits: bool | None):
+    bind_gathered(model)  # under FSDP: the graphs read this forward's gathered weights
     return_dict = call.pop("return_dict", None)
     call = {k: v for k, v in call.items() if v is not None}
     base = model.base

@@ -5,6 +5,7 @@ output head for the chunked loss), made on first use and dropped whenever their 
 
 from __future__ import annotations
 
+import itertools
 import weakref
 from collections.abc import Callable, Iterator
 
@@ -94,6 +95,24 @@ class GraphSet:
         """Drop every graph (the base's tensors changed identity): capture again on next use."""
         self.graphs.clear()
         self.derived.clear()
+
+    def rebind(self, live: dict[str, torch.Tensor]) -> None:
+        """Point every graph (and every cut-off head) at ``live``'s tensors, by name: FSDP swaps a module's
+        parameters between their shards and the gathered tensors around each forward."""
+        moved: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(old) -> (old kept alive: ids stay unique, new)
+        for graph in [*self.graphs.values(), *(g for g, _ in self.derived.values())]:
+            for name, t in list(itertools.chain(graph.named_parameters(remove_duplicate=False),
+                                                graph.named_buffers(remove_duplicate=False))):
+                new = live.get(name)
+                if new is None or new is t:
+                    continue
+                owner_path, _, leaf = name.rpartition(".")
+                owner = graph.get_submodule(owner_path)
+                (owner._parameters if leaf in owner._parameters else owner._buffers)[leaf] = new
+                moved[id(t)] = t, new
+        for key, (graph, head) in self.derived.items():
+            if head is not None:
+                self.derived[key] = graph, Head(*(None if t is None else moved.get(id(t), (t, t))[1] for t in head))
 
     def train(self, mode: bool) -> None:
         self.training = mode

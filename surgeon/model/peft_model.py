@@ -25,7 +25,7 @@ from surgeon.model import files, merging
 from surgeon.model.adapter_state import AdapterState
 from surgeon.model.generate import generate
 from surgeon.model.graph_set import GraphSet
-from surgeon.model.distributed import DistributedHooks
+from surgeon.model.distributed import DistributedHooks, gathered, release_replaced
 from surgeon.model.forward import run_forward
 from surgeon.model.verbs import AdapterNames, TransformersVerbs
 from surgeon.quant import QuantLinear, check_quant_config, from_bitsandbytes, has_bitsandbytes_layers
@@ -55,6 +55,7 @@ class SurgeonModel(TransformersVerbs, DistributedHooks, nn.Module):
         self.compile_graphs = False  # torch.compile each graph it runs (get_peft_model(..., compile=True))
         model.requires_grad_(False)
         self.add_adapter(adapter_name, config, trainable=is_trainable)
+        self.register_forward_pre_hook(release_replaced)  # runs before FSDP's gathering hook (see distributed.py)
 
     # ---- adapters ----------------------------------------------------------------------
     @property
@@ -202,8 +203,9 @@ class SurgeonModel(TransformersVerbs, DistributedHooks, nn.Module):
         refuse_value("save_pretrained", "safe_serialization", safe_serialization, [True], "surgeon writes safetensors only")
         refuse_value("save_pretrained", "save_embedding_layers", save_embedding_layers, ["auto", False],
                      "surgeon saves embeddings only through modules_to_save")
-        if is_main_process:
-            files.save_adapters(self, save_directory, selected_adapters or list(self.peft_config))
+        with gathered(self):  # under FSDP, a collective: every rank calls save_pretrained
+            if is_main_process:
+                files.save_adapters(self, save_directory, selected_adapters or list(self.peft_config))
 
     def load_adapter(self, model_id: str, adapter_name: str = "default", is_trainable: bool = False,
                      torch_device: str | None = None, autocast_adapter_dtype: bool = True,
