@@ -55,6 +55,8 @@ def main() -> None:
             use_cpu=not torch.cuda.is_available()))
         trainer.train()
         model.save_pretrained(args.out, is_main_process=trainer.is_world_process_zero())
+        if dist.is_initialized():  # Trainer leaves the group up; a gloo group alive at exit can abort the process
+            settle_and_destroy()
         return
     if world > 1:
         dist.init_process_group("gloo")

@@ -64,6 +64,8 @@ def with_trainer(out: Path) -> None:
         "losses": [e["loss"] for e in trainer.state.log_history if "loss" in e], "synced": synced if world > 1 else None,
         "trainable": sorted(n for n, p in model.named_parameters() if p.requires_grad),
         "wrapper": type(wrapped).__name__, "base_params": sum(1 for _ in model.base.parameters())}))
+    if dist.is_initialized():  # Trainer leaves the group up; a gloo group alive at exit can abort the process
+        settle_and_destroy()
 
 
 def main(out: Path) -> None:

@@ -104,10 +104,13 @@ def test_cli_train_under_torchrun_equals_one_process(tmp_path):
     assert (tmp_path / "alone" / "adapter_config.json").read_text() == (tmp_path / "two" / "adapter_config.json").read_text()
 
 
-def test_cli_batch_that_does_not_split_is_refused(tmp_path):
-    proc = _surgeon(TORCHRUN, tmp_path / "out", "--batch-size", "3")
-    assert proc.returncode != 0 and not (tmp_path / "out").exists()
-    assert "surgeon: error: --batch-size=3 does not split evenly over 2 processes; give a multiple of 2" in proc.stderr
+def test_a_batch_that_does_not_split_is_refused():
+    from surgeon.errors import ConfigError
+    from surgeon.workflows.processes import Ranks
+
+    assert Ranks(1, 2).share(8, "--batch-size") == slice(4, 8)
+    with pytest.raises(ConfigError, match="--batch-size=3 does not split evenly over 2 processes; give a multiple of 2"):
+        Ranks(0, 2).share(3, "--batch-size")
 
 
 def test_a_failing_rank_ends_the_job_with_its_error(tmp_path):
@@ -126,7 +129,12 @@ def test_readme_lists_these_commands():
     assert [c.split()[0] for c in _readme_commands()] == ["torchrun", "torchrun", "torchrun", "accelerate"]
 
 
-@pytest.mark.parametrize("i", range(4))
+def test_readme_cli_command_is_the_one_tested_above():
+    words = _readme_commands()[0].split()
+    assert words[:6] == ["torchrun", *TORCHRUN[2:], "-m", "surgeon"] and words[6] == "train"
+
+
+@pytest.mark.parametrize("i", range(1, 4))  # the first, `torchrun ... -m surgeon train`, runs in the CLI test above
 def test_readme_commands_run_as_written(tmp_path, i):
     """Each command of the README's section, as written but for 2 steps, its launcher run as a module (the venv's
     bin need not be on PATH) and OUT in an empty folder: it writes PEFT's two files there."""

@@ -217,16 +217,27 @@ def bank_add(export_dir, adapter_dir, name):
               help="The adapters were trained on a 4/8-bit base: export the base with ONNX Runtime's MatMulNBits.")
 @click.option("--bank", is_flag=True,
               help="An adapter bank: one batch mixes adapters, each row picking its own through the adapter_ids input.")
+@click.option("--int4", is_flag=True,
+              help="The base's linears and head as 4-bit MatMulNBits (ONNX Runtime's quantizer); adapters stay float.")
+@click.option("--block-size", default=32, show_default=True, type=click.Choice(["16", "32", "64", "128"]),
+              help="With --int4: weights per 4-bit block (one scale each).")
+@click.option("--int4-method", default="rtn", show_default=True, type=click.Choice(["rtn", "hqq", "gptq"]),
+              help="With --int4: round-to-nearest or HQQ (gptq is refused: it needs Intel Neural Compressor).")
+@click.option("--accuracy-level", default=4, show_default=True, type=click.Choice(["0", "1", "2", "3", "4"]),
+              help="With --int4: MatMulNBits' compute type (4: int8 activations, fastest on CPU; 1: fp32).")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @friendly
-def export(model, adapter_dirs, output, names, merged, kv_cache, bits, bank, force):
+def export(model, adapter_dirs, output, names, merged, kv_cache, bits, bank, int4, block_size, int4_method,
+           accuracy_level, force):
     """Export MODEL with ADAPTER_DIRS to ONNX: adapter weights as inputs + .onnx_adapter files."""
     quiet()
     from surgeon.adapters import read_adapter_dir
     from surgeon.model import SurgeonModel
     from surgeon.onnx.export import export_onnx
+    from surgeon.onnx.int4 import Int4Spec
     from surgeon.quant import load_base
 
+    spec = Int4Spec(int4_method, int(block_size), int(accuracy_level)) if int4 else None  # refused before any work
     names = adapter_names(adapter_dirs, names)
     check_out(output, [input_dir(model), *adapter_dirs], force=force)
 
@@ -237,9 +248,10 @@ def export(model, adapter_dirs, output, names, merged, kv_cache, bits, bank, for
         peft_model.load_adapter(directory, adapter_name=name)
     out = export_onnx(peft_model, output, names, merged=merged, force=force,
                       source=base_name(model),
-                      adapter_sources=dict(zip(names, adapter_dirs)), kv_cache=kv_cache, bank=bank)
+                      adapter_sources=dict(zip(names, adapter_dirs)), kv_cache=kv_cache, bank=bank, int4=spec)
     what = f"merged adapter {names[0]}" if merged else f"{'adapter bank' if bank else 'adapters'} {', '.join(names)}"
-    click.echo(f"wrote {out} ({what}{', with KV cache' if kv_cache else ''})")
+    int4_what = f", int4 {spec.method} blocks of {spec.block_size}" if spec else ""
+    click.echo(f"wrote {out} ({what}{', with KV cache' if kv_cache else ''}{int4_what})")
 
 
 @main.command()

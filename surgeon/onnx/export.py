@@ -29,6 +29,7 @@ from surgeon.hub import copy_tokenizer_files, model_dir, write_model_config
 from surgeon.names import (ADAPTER_IDS, DECODER_INPUTS, GENAI_CONFIG, LOGITS, MODEL_FILE, onnx_input_names, past_names,
                            present_names)
 from surgeon.onnx.genai import write_genai_config
+from surgeon.onnx.int4 import Int4Spec, quantize_int4
 from surgeon.onnx.writing import generation_facts, save_model, write_adapters, write_bank, write_manifest
 from surgeon.outputs import write_dir_atomically
 from surgeon.passes.fold import fold
@@ -63,13 +64,16 @@ class _Wrapper(nn.Module):
 def export_onnx(model, out_dir: str | os.PathLike, adapters: list[str] | None = None, *, merged: bool = False,
                 force: bool = False, source: str | None = None, opset: int | None = None,
                 adapter_names: dict[str, str] | None = None, adapter_sources: dict[str, str] | None = None,
-                kv_cache: bool = False, merge_recipe: dict | None = None, bank: bool = False) -> Path:
+                kv_cache: bool = False, merge_recipe: dict | None = None, bank: bool = False,
+                int4: Int4Spec | None = None) -> Path:
     """Write ``out_dir`` for a ``SurgeonModel``: switchable adapters, or ``merged=True`` for one folded adapter.
 
     ``kv_cache=True`` exports the decoder with the KV cache as inputs and outputs (prefill and decode in one model).
     ``bank=True``: an adapter bank, where each row of a batch picks its adapter through the ``adapter_ids`` input
     (``adapters/bank.onnx_adapter`` holds every adapter, slot 0 the base; each adapter's own file still works alone).
     ``adapter_sources`` (name -> PEFT directory) and ``merge_recipe`` are recorded for ``surgeon check``.
+    ``int4``: the base's linears and head as ``MatMulNBits`` (``surgeon.onnx.int4``); adapters stay float inputs
+    (with ``merged=True`` the folded weights are quantized).
     """
     names = list(adapters or model.peft_config)
     rename = adapter_names or {}
@@ -86,6 +90,8 @@ def export_onnx(model, out_dir: str | os.PathLike, adapters: list[str] | None = 
     if bits and merged:
         raise QuantizationError("--merged with a 4/8-bit base is not supported: fold the adapter into a float "
                                 "checkpoint (surgeon fold MODEL ADAPTER --bits N -o MERGED) and export that")
+    if bits and int4:
+        raise QuantizationError(f"--int4 on a {bits}-bit base: it is quantized already (export it without --int4)")
     sources = {rename.get(k, k): str(Path(v).resolve()) for k, v in (adapter_sources or {}).items()}
     extra: dict[str, Any] = {"merged_source": sources.get(rename.get(names[0], names[0]))} if merged else \
         {"adapter_sources": sources}
@@ -97,6 +103,9 @@ def export_onnx(model, out_dir: str | os.PathLike, adapters: list[str] | None = 
         loras, layout = _write_model(model, tmp, names, merged, kv_cache, opset, bank)
         if bits:
             extra["quantization"] = export_facts(model.base)
+        if int4:
+            extra["int4"] = quantize_int4(tmp / MODEL_FILE, int4, {n for lo in loras for n in onnx_input_names(lo.path)},
+                                          _linear_weights(model.base))
         written = {} if merged else write_adapters(model, names, loras, tmp, rename, bank=bank)
         if bank:
             extra["bank"] = write_bank(model, names, loras, tmp, rename)
@@ -112,6 +121,21 @@ def export_onnx(model, out_dir: str | os.PathLike, adapters: list[str] | None = 
                        source=source, tokenizer=bool(copied), kv_cache=kv_cache, extra=extra)
 
     return write_dir_atomically(out_dir, fill, force=force, inputs=[_source_dir(source), *(adapter_sources or {}).values()])
+
+
+def _linear_weights(base: nn.Module) -> dict[str, tuple[str, str]]:
+    """Every name of a linear layer's weight (a tied head's embedding name too) -> (the linear's weight name, its
+    layout: ``out_in`` for ``nn.Linear``, ``in_out`` for GPT-2's Conv1D)."""
+    linear = {f"{path}.weight": "in_out" if type(m).__name__ == "Conv1D" else "out_in"
+              for path, m in base.named_modules() if isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"}
+    groups: dict[int, list[str]] = {}
+    for name, p in base.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(p), []).append(name)
+    out = {}
+    for names in groups.values():
+        target = next((n for n in names if n in linear), None)
+        out.update({n: (target, linear[target]) for n in names} if target else {})
+    return out
 
 
 def _source_dir(source: str | None) -> Path | None:

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from surgeon.adapters import read_adapter_dir
-from surgeon.errors import SurgeonError
+from surgeon.errors import ExportFileError, SurgeonError
 from surgeon.hub import copy_tokenizer_files, model_dir
 from surgeon.model import SurgeonModel
 from surgeon.onnx.export import export_onnx
@@ -112,3 +112,14 @@ def fold_onnx(model: str, adapter_dirs: Sequence[str], out: str | os.PathLike, *
                                         "weights": [float(w) for w in (weights or [1.0] * len(adapter_dirs))]}
     return export_onnx(peft_model, out, [name], merged=True, force=force, source=source or model, adapter_sources=sources,
                        kv_cache=kv_cache, merge_recipe=recipe)
+
+
+def set_weights(model, weights: dict[str, np.ndarray]) -> None:
+    """Each named parameter replaced by a new one (so a head tied to the embeddings is untied, as in the export)."""
+    for name, value in weights.items():
+        owner_path, _, leaf = name.rpartition(".")
+        owner = model.get_submodule(owner_path)
+        old = getattr(owner, leaf)
+        if tuple(old.shape) != value.shape:
+            raise ExportFileError(f"{name}: the export's 4-bit weight is {value.shape}, the model's {tuple(old.shape)}")
+        setattr(owner, leaf, torch.nn.Parameter(torch.from_numpy(value).to(old.dtype), requires_grad=False))

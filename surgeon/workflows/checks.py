@@ -21,12 +21,13 @@ from surgeon.jsonfile import read_json
 from surgeon.names import ADAPTER_IDS, GENAI_CONFIG, LOGITS, MANIFEST, past_of_present
 from surgeon.onnx.decoding import empty_past
 from surgeon.onnx.genai import check_genai_config
+from surgeon.onnx.int4 import INT4_FLOAT_RTOL, INT4_RTOL, dequantized_weights
 from surgeon.onnx.manifest import changed_files, export_path, read_manifest
 from surgeon.onnx.runtime import AdapterSession
 from surgeon.quant import load_base
 from surgeon.quant.to_onnx import CHECK_RTOL
 from surgeon.workflows.bank_check import bank_matches_adapters
-from surgeon.workflows.checkpoint import with_adapters
+from surgeon.workflows.checkpoint import set_weights, with_adapters
 from surgeon.workflows.report import Check, Report  # noqa: F401 (Check: part of the report API)
 
 DEFAULT_ATOL = 1e-4
@@ -175,8 +176,16 @@ def _numbers(manifest: dict, session: AdapterSession, reference: str | None, rep
                                 if name in usable]
     if merged:
         cases = [(merged, f"merged[{merged}]")] if merged in usable else []
+    refs = [(ref, "", None)]
+    if manifest.get("int4"):  # tight against the export's own 4-bit weights, loose against the float model
+        refs = [(ref, "_float", INT4_FLOAT_RTOL)]
+        if not merged:  # a merged export's weights hold the fold: no base weight to put them in
+            proto = onnx.load(str(export_path(session.dir, manifest["model"], "model")))
+            exact = _reference_model(reference, manifest, usable, dequantized_weights(proto, manifest["int4"]["weights"]))
+            refs.insert(0, (exact, "", INT4_RTOL[manifest["int4"]["accuracy_level"] == 4]))
     for adapter, label in cases:
-        _compare(manifest, session, ref, adapter, label, report)
+        for model, suffix, rtol in refs:
+            _compare(manifest, session, model, adapter, label + suffix, report, rtol)
 
 
 def _usable_sources(manifest: dict, sources: dict[str, str | None], report: Report) -> dict:
@@ -193,7 +202,8 @@ def _usable_sources(manifest: dict, sources: dict[str, str | None], report: Repo
     return usable
 
 
-def _compare(manifest: dict, session: AdapterSession, ref, adapter: str | None, label: str, report: Report) -> None:
+def _compare(manifest: dict, session: AdapterSession, ref, adapter: str | None, label: str, report: Report,
+             rtol: float | None = None) -> None:
     """ORT against torch for one adapter (None: the base) at two shapes, plus one decode step with a KV cache."""
     causal = manifest["source"].get("class", "").endswith(("ForCausalLM", "LMHeadModel"))
     kv, quantized = bool(manifest.get("kv_cache")), manifest.get("quantization")
@@ -211,7 +221,10 @@ def _compare(manifest: dict, session: AdapterSession, ref, adapter: str | None, 
         if kv:
             step_worst = max(step_worst, _decode_step_diff(session, ref, feeds, out, run_adapter, adapter))
     tol, how = report.atol, f"atol {report.atol:g}"
-    if quantized:  # the export's own quantized ops: a tolerance relative to the logits' scale
+    if rtol is not None:  # int4: a tolerance relative to the logits' scale
+        what = "the float model" if label.endswith("_float") else "its dequantized 4-bit weights"
+        tol, how = max(tol, rtol * scale), f"int4 against {what}: {rtol:g} x max |logit| {scale:.3g}"
+    elif quantized:  # the export's own quantized ops: a tolerance relative to the logits' scale
         rtol = CHECK_RTOL[quantized["bits"]]
         tol, how = max(tol, rtol * scale), f"{quantized['bits']}-bit packed weights: {rtol:g} x max |logit| {scale:.3g}"
     if bad:
@@ -275,11 +288,14 @@ def _max_diff(got: np.ndarray, want: np.ndarray, mask: np.ndarray) -> float:
     return float(diff.max()) if np.isfinite(diff).all() else math.inf
 
 
-def _reference_model(reference: str, manifest: dict, sources: dict[str, str]):
-    """The torch model the export came from: the source base + each adapter from its source PEFT directory."""
+def _reference_model(reference: str, manifest: dict, sources: dict[str, str], weights: dict | None = None):
+    """The torch model the export came from: the source base + each adapter from its source PEFT directory.
+    ``weights`` (an int4 export's dequantized weights) replace the base's."""
     task = "SEQ_CLS" if "SequenceClassification" in manifest["source"].get("class", "") else None
     base = load_base(reference, (manifest.get("quantization") or {}).get("bits"), task=task)
     merged = manifest.get("merged_adapter")
+    if weights is not None:
+        set_weights(base, weights)
     if merged and isinstance(sources.get(merged), dict):  # the weighted merge fold wrote, made again from its recipe
         model, name = with_adapters(base, sources[merged]["adapters"], sources[merged]["weights"])
         if name != merged:

@@ -81,8 +81,9 @@ def process_group() -> Iterator[Ranks]:
 
 
 def settle_and_destroy() -> None:
-    """``destroy_process_group`` after a barrier. Without it, gloo's destructor (which holds the GIL) can wait forever
-    for a worker thread that still frees the tensors of the last all-reduce (which needs the GIL); seen with torch
-    2.13 when one rank got there first. The barrier returns only once all earlier work is done."""
+    """``destroy_process_group`` after a barrier; call it at the end of every rank's work. A gloo group still alive
+    when the interpreter exits can abort the process ("terminate called without an active exception"), and
+    without the barrier gloo's destructor (which holds the GIL) can wait forever for a worker thread that still
+    frees the last all-reduce's tensors (which needs the GIL). Both seen with torch 2.13 under load."""
     dist.barrier()
     dist.destroy_process_group()
