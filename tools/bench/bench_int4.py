@@ -95,7 +95,7 @@ def ort_worker(args) -> int:
     a, b = (np.array(results[f"{k}/8/default"]["tokens"]) for k in ("fp32", "int4"))
     h.emit({"worker": "ort", "results": {k: v["s"] for k, v in results.items()},
             "accuracy": {"max": float(diff.max()) / scale, "mean": float(diff.mean()) / scale,
-                         "greedy": float((a == b).mean())}, "new": new})
+                         "greedy": float((a == b).mean())}, "new": new, "prefill": prefill})
     return 0
 
 
@@ -109,7 +109,7 @@ def report(name: str, info: dict, got: dict, bandwidth: float) -> None:
     print(f"\n{name}: model.onnx fp32 {info['bytes']['fp32'] / 2**20:.1f} MB, int4 {info['bytes']['int4'] / 2**20:.1f} MB "
           f"({info['bytes']['int4'] / info['bytes']['fp32']:.2f}x); int4 weights read per token "
           f"{info['read_int4'] / 2**20:.1f} MB; export {info['export_s']['fp32']:.1f} s / {info['export_s']['int4']:.1f} s")
-    print(f"{'':<8} {'b1 tok/s':>9} {'b8 tok/s':>9} {'b1 no adapter':>14} {'prefill 1x128':>14}")
+    print(f"{'':<8} {'b1 tok/s':>9} {'b8 tok/s':>9} {'b1 no adapter':>14} {'prefill 1x' + str(got['prefill']):>14}")
     for key in ("fp32", "int4"):
         print(f"{key:<8} {tps(key + '/1/default', 1):>9.1f} {tps(key + '/8/default', 8):>9.1f} "
               f"{tps(key + '/1/None', 1):>14.1f} {1000 * h.median(r[key + '/prefill']):>11.1f} ms")
