@@ -19,7 +19,7 @@ from surgeon.onnx.export import export_onnx
 from surgeon.onnx.int4 import Int4Spec
 from surgeon.onnx.runtime import AdapterSession
 from surgeon.workflows.checks import run_checks
-from tests.conftest import ARCHS, make_base, run_cli
+from tests.conftest import ARCHS, make_base, run_cli, session_new_tokens, until_eos
 
 NAMES = ("gpt2", "llama")
 # per model: the fp32 export and one int4 export (GPT-2: RTN at level 4, int8 compute; Llama: HQQ at level 1, fp32
@@ -141,6 +141,22 @@ def test_merged_then_quantized_has_no_adapter_inputs_and_stays_near_switchable(e
     merged, switchable = _logits(root / "merged", None, ids), _logits(root / "int4", "default", ids)
     drift = np.abs(merged - switchable).max() / np.abs(switchable).max()
     assert drift <= BOUNDS[name]["merged_drift"], drift
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_genai_runs_the_int4_export_with_its_adapter(exports, genai, name):
+    """onnxruntime-genai (its own onnxruntime) opens the int4 export as written: greedy tokens equal ours, for the base
+    and with the adapter, and the adapter still changes them."""
+    root = exports[name] / "int4"
+    session = AdapterSession(root)
+    eos = set(session.generation["eos_token_id"])
+    pad = session.generation["pad_token_id"]
+    pad = pad if pad is not None else min(eos)
+    prompts = _prompts(3, 6, seed=5).tolist()
+    got = genai(root, prompts, adapters=(None, "default"), n=10)
+    want = {a: until_eos(session_new_tokens(session, prompts, a, 10, pad), eos) for a in (None, "default")}
+    assert {a: until_eos(got[a], eos) for a in want} == want
+    assert want[None] != want["default"]
 
 
 def test_cli_int4_options_and_refusals(exports, tmp_path):
