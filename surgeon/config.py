@@ -39,7 +39,6 @@ CLASSIFIER_HEADS = ("classifier", "score")
 
 # PEFT fields we accept only at their default value: (field, default).
 _UNSUPPORTED_AT_DEFAULT = {
-    "use_dora": False,
     "lora_bias": False,
     "layer_replication": None,
     "target_parameters": None,
@@ -85,6 +84,7 @@ class LoraConfig:
     fan_in_fan_out: bool = False
     bias: str = "none"
     use_rslora: bool = False
+    use_dora: bool = False
     modules_to_save: tuple[str, ...] | None = None
     init_lora_weights: bool | str = True
     layers_to_transform: tuple[int, ...] | int | None = None
@@ -195,6 +195,8 @@ def _problems(c: LoraConfig):
         yield f"lora_dropout={c.lora_dropout!r}: must be in [0, 1) (0.05 or 0.1 are usual)"
     if c.bias not in ("none", "all", "lora_only"):
         yield f"bias={c.bias!r}: use 'none', 'all' or 'lora_only'{did_you_mean(str(c.bias), ['none', 'all', 'lora_only'])}"
+    if not isinstance(c.use_dora, bool):
+        yield f"use_dora={c.use_dora!r}: must be True or False"
     if c.init_lora_weights not in (True, False, "gaussian"):
         yield f"init_lora_weights={c.init_lora_weights!r}: use True, False or 'gaussian'"
     for name in ("target_modules", "exclude_modules", "modules_to_save", "layers_pattern"):

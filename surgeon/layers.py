@@ -1,7 +1,8 @@
 """The modules an injected graph calls: one ``LoraLayer`` per target, holding every adapter.
 
 A graph node ``y = linear(x, W, b)`` becomes ``z = call_module(lora_layer, (x, y))`` with
-``z = y + sum over active adapters of scale * B(A(dropout(x)))``. Keeping adapters in a module
+``z = y + sum over active adapters of scale * B(A(dropout(x)))``. A DoRA adapter (``use_dora``) also needs the
+site's weight and bias: its graph node is ``call_module(lora_layer, (x, y, W, b))``. Keeping adapters in a module
 (rather than baking them into nodes) lets several adapters share one graph and lets
 ``set_adapter`` / ``disable_adapter`` switch them without re-capturing.
 """
@@ -19,15 +20,49 @@ class LoraAdapter(nn.Module):
     """One adapter at one site: ``lora_A`` [r, in], ``lora_B`` [out, r] (PEFT's Linear layout)."""
 
     def __init__(self, kind: str, in_features: int, out_features: int, r: int, scale: float,
-                 dropout: float = 0.0, init: bool | str = True, dtype=None, device=None):
+                 dropout: float = 0.0, init: bool | str = True, dtype=None, device=None, dora: bool = False):
         super().__init__()
-        self.kind, self.r = kind, r
+        self.kind, self.r, self.dropout_p = kind, r, dropout
         # A tensor, not a float: swapping in an adapter with another alpha/r then recompiles nothing.
         self.register_buffer("scaling", torch.tensor(float(scale), dtype=torch.float32, device=device), persistent=False)
         self.lora_A = nn.Parameter(torch.empty(r, in_features, dtype=dtype, device=device))
         self.lora_B = nn.Parameter(torch.empty(out_features, r, dtype=dtype, device=device))
         self.dropout = nn.Dropout(dropout) if dropout > 0 and kind != "embedding" else nn.Identity()
         self.reset(init)
+        # DoRA's magnitude per output (PEFT's lora_magnitude_vector): set from the base weight by init_magnitude
+        self.magnitude = nn.Parameter(torch.ones(out_features, dtype=dtype, device=device)) if dora else None
+
+    @property
+    def dora(self) -> bool:
+        return self.magnitude is not None
+
+    @torch.no_grad()
+    def init_magnitude(self, weight: torch.Tensor) -> None:
+        """PEFT's DoRA start: the magnitude is the norm of ``W + scale * B @ A`` per output."""
+        self.magnitude.copy_(self.weight_norm(weight))
+
+    @torch.no_grad()
+    def weight_norm(self, weight: torch.Tensor) -> torch.Tensor:
+        """``||W + scale * B @ A||`` per output (fp32, detached as PEFT does): W in the site's layout."""
+        w = weight.detach().float()
+        w = w if self.kind == "linear" else w.t()  # conv1d holds [in, out]
+        lora = self.lora_B[:, : self.r].detach().float() @ self.lora_A[: self.r].detach().float()
+        return torch.linalg.norm(w + self.scale * lora, dim=1)
+
+    def dora_delta(self, x: torch.Tensor, result: torch.Tensor, weight: torch.Tensor,
+                   bias: torch.Tensor | None) -> torch.Tensor:
+        """What DoRA adds to ``result`` (the site's output so far): ``(g - 1) * base + g * scale * B(A(x))`` with
+        ``g = magnitude / ||W + scale * B @ A||`` (norm detached); base is ``result`` less the bias, or without
+        dropout identity in training ``x`` dropped out and multiplied by W again (PEFT's rule)."""
+        g = self.magnitude / self.weight_norm(weight).to(self.magnitude.dtype)
+        w = weight if self.kind == "linear" else weight.t()
+        if isinstance(self.dropout, nn.Identity) or not self.training:
+            base = result if bias is None else result - bias
+        else:
+            x = self.dropout(x)
+            base = F.linear(x, w.to(x.dtype))
+        lora = (x.to(self.lora_A.dtype) @ self.lora_A.t()) @ self.lora_B.t()
+        return (g - 1) * base + g * lora.to(g.dtype) * self.scaling
 
     @torch.no_grad()
     def reset(self, init: bool | str = True) -> None:
@@ -70,9 +105,11 @@ class LoraAdapter(nn.Module):
         self.lora_B = nn.Parameter(b, requires_grad=self.lora_B.requires_grad)
 
     @torch.no_grad()
-    def swap_in(self, a: torch.Tensor, b: torch.Tensor, scale: float) -> None:
-        """Copy another adapter's A [r, in], B [out, r] into this one's storage (r <= capacity)."""
+    def swap_in(self, a: torch.Tensor, b: torch.Tensor, scale: float, magnitude: torch.Tensor | None = None) -> None:
+        """Copy another adapter's A [r, in], B [out, r] (and DoRA magnitude) into this one's storage (r <= capacity)."""
         r = a.shape[0]
+        if magnitude is not None:
+            self.magnitude.copy_(magnitude)
         self.lora_A.zero_()
         self.lora_B.zero_()
         self.lora_A[:r].copy_(a)
@@ -81,7 +118,7 @@ class LoraAdapter(nn.Module):
         self.r = r
 
     def extra_repr(self) -> str:
-        return f"kind={self.kind}, r={self.r}, scale={self.scale:g}"
+        return f"kind={self.kind}, r={self.r}, scale={self.scale:g}" + (", dora" if self.dora else "")
 
 
 class LoraLayer(nn.Module):
@@ -111,7 +148,8 @@ class LoraLayer(nn.Module):
         new.merged_factors = dict(self.merged_factors)
         return new
 
-    def forward(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, base_out: torch.Tensor, weight: torch.Tensor | None = None,
+                bias: torch.Tensor | None = None) -> torch.Tensor:
         if not self.enabled:
             return base_out
         if self.rows is not None:
@@ -119,9 +157,18 @@ class LoraLayer(nn.Module):
         out = base_out
         for name in self.active:
             adapter = self.adapters[name] if name in self.adapters and name not in self.merged else None
-            if adapter is not None:
+            if adapter is None:
+                continue
+            if adapter.dora:  # PEFT's order: each DoRA adapter sees the output so far as its base result
+                out = out + adapter.dora_delta(x, out, weight, bias).to(base_out.dtype)
+            else:
                 out = out + adapter.delta(x).to(base_out.dtype)
         return out
+
+    @property
+    def dora(self) -> bool:
+        """Whether any adapter here is DoRA (the graph then passes the site's weight and bias)."""
+        return any(a.dora for a in self.adapters.values())
 
     def _per_row(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
         """Each row gets its own adapter's delta (``rows``); rows of the base, or of an adapter without a branch

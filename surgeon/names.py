@@ -63,14 +63,25 @@ def peft_keys(path: str, kind: str) -> tuple[str, str]:
     return f"{PEFT_PREFIX}{path}.{a}", f"{PEFT_PREFIX}{path}.{b}"
 
 
+DORA_PART = "lora_magnitude_vector"  # PEFT's key for DoRA's magnitude [out] (no ".weight", as PEFT saves it)
+
+
+def peft_magnitude_key(path: str) -> str:
+    """PEFT's safetensors key for the DoRA magnitude vector of the module at ``path``."""
+    return f"{PEFT_PREFIX}{path}.{DORA_PART}"
+
+
 def peft_saved_key(param_path: str) -> str:
     """PEFT's key for a modules_to_save parameter (``base_model.model.<module>.<param>``)."""
     return f"{PEFT_PREFIX}{param_path}"
 
 
 def parse_peft_key(key: str) -> tuple[str, str]:
-    """``(module path, part)`` of a PEFT key; part is 'A', 'B', or the parameter name of a saved module."""
+    """``(module path, part)`` of a PEFT key; part is 'A', 'B', 'M' (DoRA's magnitude), or the parameter name of a
+    saved module."""
     body = key.removeprefix(PEFT_PREFIX)
+    if body.endswith("." + DORA_PART):
+        return body[: -len(DORA_PART) - 1], "M"
     for a, b in set(_PEFT_PARTS.values()):
         for suffix, part in ((a, "A"), (b, "B")):
             if body.endswith("." + suffix):
@@ -114,8 +125,18 @@ def onnx_input_names(path: str) -> tuple[str, str]:
     return f"{path}.{_ONNX_PARTS[0]}", f"{path}.{_ONNX_PARTS[1]}"
 
 
+DORA_INPUT = "dora_scale"  # a DoRA site's input: g = magnitude / ||W + scale * B @ A|| per output [out]
+
+
+def onnx_dora_name(path: str) -> str:
+    """ONNX graph input for DoRA's per-output factor ``g`` [out] of the module at ``path`` (default ones: the base)."""
+    return f"{path}.{DORA_INPUT}"
+
+
 def parse_onnx_input(name: str) -> tuple[str, str] | None:
-    """``(module path, 'A' or 'B')`` of an adapter input name; None for any other input."""
+    """``(module path, 'A', 'B' or 'G')`` of an adapter input name (G: DoRA's factor); None for any other input."""
+    if name.endswith("." + DORA_INPUT):
+        return name[: -len(DORA_INPUT) - 1], "G"
     for suffix, part in zip(_ONNX_PARTS, ("A", "B")):
         if name.endswith("." + suffix):
             return name[: -len(suffix) - 1], part

@@ -56,8 +56,9 @@ def test_peft_reads_our_json_and_we_read_peft_json(tmp_path):
 
 
 def test_unsupported_peft_features_are_errors():
-    with pytest.raises(ConfigError, match="use_dora=True"):
-        LoraConfig.from_peft_dict({"peft_type": "LORA", "use_dora": True})
+    with pytest.raises(ConfigError, match="use_qalora=True"):
+        LoraConfig.from_peft_dict({"peft_type": "LORA", "use_qalora": True})
+    assert LoraConfig.from_peft_dict({"peft_type": "LORA", "use_dora": True}).use_dora  # DoRA is supported
     with pytest.raises(ConfigError, match="LoRA adapters only"):
         LoraConfig.from_peft_dict({"peft_type": "IA3"})
 

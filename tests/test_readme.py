@@ -140,3 +140,29 @@ def test_many_adapters_section_runs_as_written(tmp_path, capsys):
         os.chdir(cwd)
     printed = capsys.readouterr().out
     assert "[None, 'a', 'b']" in printed and "(2, 4, " in printed
+
+
+def test_methods_section_runs_as_written(tmp_path):
+    """"Methods: LoRA and DoRA": train (2 steps), inspect, export and check a DoRA adapter, as written."""
+    from click.testing import CliRunner
+
+    from surgeon.cli import main
+
+    text = README.read_text()
+    section = text[text.index("## Methods: LoRA and DoRA"):text.index("## Fold: merge adapters")]
+    commands = [line for block in re.findall(r"```bash\n(.*?)```", section, re.S) for line in block.splitlines()
+                if line.strip()]
+    assert [shlex.split(c)[1] for c in commands] == ["train", "inspect", "export", "check"]
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        outputs = []
+        for line in commands:
+            args = shlex.split(line, comments=True)[1:]
+            args += ["--steps", "2", "--eval-blocks", "1"] if args[0] == "train" else []
+            result = CliRunner().invoke(main, args)
+            assert result.exit_code == 0, (line, result.output)
+            outputs.append(result.output)
+    finally:
+        os.chdir(cwd)
+    assert "dora=True" in outputs[1] and "0 failed" in outputs[3]

@@ -43,7 +43,7 @@ def main() -> None:
 @click.option("--force", is_flag=True, help="Replace OUT if it exists (never a model directory or an input).")
 @bits_option
 @friendly
-def inject(model, targets, rank, alpha, dropout, all_linear, dry_run, output, bits, force):
+def inject(model, targets, rank, alpha, dropout, all_linear, dora, dry_run, output, bits, force):
     """Show where LoRA goes in MODEL (a directory or built-in name) and write the initial adapter."""
     quiet()
     from surgeon.matching import match
@@ -53,7 +53,7 @@ def inject(model, targets, rank, alpha, dropout, all_linear, dry_run, output, bi
     if output and not dry_run:
         check_adapter_out(output, [input_dir(model)], force)
     base = load_base(model, bits)
-    config = lora_config(targets, rank, alpha, dropout, all_linear, base_name(model))
+    config = lora_config(targets, rank, alpha, dropout, all_linear, base_name(model), dora)
     peft_model = get_peft_model(base, config)
     found = match(peft_model.graphs.any(), config)
     click.echo(targets_table(found))
@@ -81,7 +81,7 @@ def inject(model, targets, rank, alpha, dropout, all_linear, dry_run, output, bi
 @click.option("--compile", "compile_graphs", is_flag=True,
               help="torch.compile the injected graph (inductor): a slow first step, faster steps after.")
 @friendly
-def train(model, data, heldout, targets, rank, alpha, dropout, all_linear, steps, lr, batch_size, seq_len, seed,
+def train(model, data, heldout, targets, rank, alpha, dropout, all_linear, dora, steps, lr, batch_size, seq_len, seed,
           eval_blocks_n, output, force, bits, compile_graphs):
     """Fine-tune a LoRA adapter on MODEL (default: the embedded tiny GPT-2) and write it.
 
@@ -115,7 +115,7 @@ def train(model, data, heldout, targets, rank, alpha, dropout, all_linear, steps
     base = load_base(model, bits)
     for b, source in ((blocks, data or DEFAULT_DATA), (eval_blocks, heldout or data or DEFAULT_HELDOUT)):
         check_vocab(b, base.config.vocab_size, Path(source))
-    peft_model = get_peft_model(base, lora_config(targets, rank, alpha, dropout, all_linear, base_name(model)),
+    peft_model = get_peft_model(base, lora_config(targets, rank, alpha, dropout, all_linear, base_name(model), dora),
                                 compile=compile_graphs)
     with process_group() as ranks:
         ranks.share(batch_size, "--batch-size")  # refused before any work

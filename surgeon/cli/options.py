@@ -37,13 +37,14 @@ def lora_options(fn):
     fn = click.option("--dropout", default=0.0, show_default=True, type=float, callback=finite(0, 1, high_open=True),
                       help="lora_dropout, in [0, 1).")(fn)
     fn = click.option("--all-linear", is_flag=True, help="Target every linear layer but the output layer.")(fn)
+    fn = click.option("--dora", is_flag=True, help="DoRA (use_dora): a trained magnitude per output besides A and B.")(fn)
     return fn
 
 
-def lora_config(targets, rank, alpha, dropout, all_linear, base_name):
+def lora_config(targets, rank, alpha, dropout, all_linear, base_name, dora=False):
     target_modules = "all-linear" if all_linear else (list(targets) or None)
     return LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules,
-                      task_type=TaskType.CAUSAL_LM, base_model_name_or_path=base_name)
+                      task_type=TaskType.CAUSAL_LM, base_model_name_or_path=base_name, use_dora=dora)
 
 
 def targets_table(found) -> str:

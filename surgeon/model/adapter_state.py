@@ -125,6 +125,10 @@ class AdapterState:
         if merged:
             raise AdapterError(f"{where}: adapter_names cannot be used while adapters are merged ({merged}); call "
                                "unmerge_adapter() first")
+        dora = sorted({n for layer in self.lora_layers() for n, a in layer.adapters.items() if a.dora and n in names})
+        if dora:
+            raise AdapterError(f"{where}: adapter_names cannot mix rows of DoRA adapters ({dora}) in one batch (PEFT "
+                               "refuses it too); run them one adapter per batch, or as plain LoRA")
         saved = sorted({n for t in self.saved_tensors() for n in t.copies if n in names})
         if saved:
             raise AdapterError(f"{where}: adapters {saved} have modules_to_save copies, which hold one tensor for the "

@@ -12,7 +12,7 @@ from surgeon.config import LoraConfig
 from surgeon.errors import AdapterError
 from surgeon.layers import LoraLayer, SavedTensor
 from surgeon.matching import match, resolve_modules_to_save
-from surgeon.names import peft_keys, peft_saved_key
+from surgeon.names import peft_keys, peft_magnitude_key, peft_saved_key
 
 
 def bias_parameters(model, config: LoraConfig) -> list[tuple[str, torch.nn.Parameter]]:
@@ -32,6 +32,8 @@ def adapter_tensors(model, name: str) -> dict[str, torch.Tensor]:
             key_a, key_b = peft_keys(module.path, module.kind)
             adapter = module.adapters[name]
             out[key_a], out[key_b] = adapter.lora_A[: adapter.r], adapter.lora_B[:, : adapter.r]
+            if adapter.dora:
+                out[peft_magnitude_key(module.path)] = adapter.magnitude
         elif isinstance(module, SavedTensor) and name in module.copies:
             out[peft_saved_key(module.path)] = module.copies[name]
     for pname, p in bias_parameters(model, model.peft_config[name]):
@@ -46,6 +48,8 @@ def expected_shapes(model, config: LoraConfig) -> dict[str, tuple[int, ...]]:
     for t in match(graph, config).targets:
         key_a, key_b = peft_keys(t.path, t.kind)
         out[key_a], out[key_b] = (t.r, t.in_features), (t.out_features, t.r)
+        if config.use_dora:
+            out[peft_magnitude_key(t.path)] = (t.out_features,)
     for path in resolve_modules_to_save(config, graph.meta["surgeon"]):
         for pname, p in model.base.get_submodule(path).named_parameters(remove_duplicate=False):
             out[peft_saved_key(f"{path}.{pname}")] = tuple(p.shape)
@@ -110,6 +114,10 @@ def swap_in(model, directory: str, name: str, config: LoraConfig, tensors: dict[
         raise AdapterError(f"{directory}: hotswap needs the same targets, but it adapts modules {name!r} does not: "
                            f"{', '.join(extra)}; load it as a new adapter instead")
     check_tensors(expected_shapes(model, config), tensors, str(Path(directory)))
+    was = model.peft_config[name].use_dora
+    if config.use_dora != was:
+        raise AdapterError(f"{directory}: hotswap replaces weights in place, but this adapter has use_dora="
+                           f"{config.use_dora} and {name!r} has use_dora={was}; load it as a new adapter instead")
     too_big = sorted(f"{p} (r={t.r} > {layers[p].adapters[name].lora_A.shape[0]})" for p, t in new_targets.items()
                      if t.r > layers[p].adapters[name].lora_A.shape[0])
     if too_big:
@@ -120,7 +128,9 @@ def swap_in(model, directory: str, name: str, config: LoraConfig, tensors: dict[
         if path in new_targets:
             t = new_targets[path]
             key_a, key_b = peft_keys(path, t.kind)
-            adapter.swap_in(tensors[key_a], tensors[key_b], t.scale)
-        else:  # the new adapter leaves this module alone
+            adapter.swap_in(tensors[key_a], tensors[key_b], t.scale, tensors.get(peft_magnitude_key(path)))
+        else:  # the new adapter leaves this module alone (DoRA: a magnitude of the weight's norm gives the base)
             adapter.swap_in(adapter.lora_A[:0], adapter.lora_B[:, :0], 0.0)
+            if adapter.dora:
+                adapter.init_magnitude(model.base.get_submodule(path).weight)
     model.peft_config[name] = config

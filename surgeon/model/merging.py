@@ -28,7 +28,8 @@ def merge(model, names: tuple[str, ...], safe_merge: bool) -> None:
     for layer in model.adapter_state.lora_layers():
         todo = tuple(n for n in names if n in layer.adapters and n not in layer.merged)
         if todo:
-            plan.append((layer, todo, factors_of(layer, todo), own_param(model, f"{layer.path}.weight", shared)))
+            w = own_param(model, f"{layer.path}.weight", shared)
+            plan.append((layer, todo, factors_of(layer, todo, weight=w), w))
     if safe_merge:  # check every merged weight before writing any (chunk by chunk: no extra memory)
         for layer, _, factors, w in plan:
             write_merged(w, factors, layer.kind, layer.path, check_only=True)
@@ -56,7 +57,7 @@ def unmerge(model) -> None:
         for layer in model.adapter_state.lora_layers():
             if layer.merged:
                 w = own_param(model, f"{layer.path}.weight", shared)
-                factors = tuple(f for n in layer.merged for f in layer.merged_factors.get(n, factors_of(layer, (n,))))
+                factors = tuple(f for n in layer.merged for f in layer.merged_factors.get(n, factors_of(layer, (n,), w)))
                 write_merged(w.data, factors, layer.kind, layer.path, dst=w.data, sign=-1.0)
                 layer.merged, layer.merged_factors = (), {}
 
@@ -125,6 +126,10 @@ def weighted_adapter(model, adapters: list[str], weights: list[float], combinati
         raise AdapterError(f"add_weighted_adapter: {len(adapters)} adapters but {len(weights)} weights")
     for name in adapters:
         model.adapter_state.known(name)
+    dora = [n for n in adapters if model.peft_config[n].use_dora]
+    if dora:
+        raise AdapterError(f"add_weighted_adapter: {dora} are DoRA adapters, whose change depends on the weight's norm "
+                           "and does not add up; merge them one at a time (merge_adapter / surgeon fold)")
     parts = {}
     for layer in model.adapter_state.lora_layers():
         pairs = [(layer.adapters[n], w) for n, w in zip(adapters, weights) if n in layer.adapters]

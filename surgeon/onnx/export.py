@@ -26,7 +26,7 @@ from surgeon.capturing import example_inputs
 from surgeon.capturing.decoder import decode_example
 from surgeon.errors import AdapterError, ModelNotFoundError, QuantizationError
 from surgeon.hub import copy_tokenizer_files, model_dir, write_model_config
-from surgeon.names import (ADAPTER_IDS, DECODER_INPUTS, GENAI_CONFIG, LOGITS, MODEL_FILE, onnx_input_names, past_names,
+from surgeon.names import (ADAPTER_IDS, DECODER_INPUTS, GENAI_CONFIG, LOGITS, MODEL_FILE, past_names,
                            present_names)
 from surgeon.onnx.genai import write_genai_config
 from surgeon.onnx.int4 import Int4Spec, quantize_int4
@@ -53,7 +53,9 @@ class _Wrapper(nn.Module):
         flat = args[n:]
         if self.bank:
             self.feed.ids, flat = flat[0], flat[1:]
-        self.feed.tensors = {lo.path: (flat[2 * i], flat[2 * i + 1]) for i, lo in enumerate(self.loras)}
+        self.feed.tensors, at = {}, 0
+        for lo in self.loras:
+            self.feed.tensors[lo.path], at = tuple(flat[at: at + len(lo.names)]), at + len(lo.names)
         if not self.decoder:
             return self.body(**dict(zip(self.names, args[:n])), **self.consts).logits
         ids, mask, positions, *past = args[:n]
@@ -86,6 +88,13 @@ def export_onnx(model, out_dir: str | os.PathLike, adapters: list[str] | None = 
         raise AdapterError("--merged and --bank exclude each other: a bank keeps every adapter switchable per row")
     if merged and len(names) != 1:
         raise AdapterError(f"--merged folds exactly one adapter; got {len(names)} ({', '.join(names)})")
+    dora = [rename.get(n, n) for n in names if model.peft_config[n].use_dora]
+    if dora and bank:
+        raise AdapterError(f"--bank with DoRA adapters ({', '.join(dora)}) is not supported yet: export them without "
+                           "--bank (each switches per run), or --merged")
+    if dora and int4 and not merged:
+        raise AdapterError(f"--int4 with switchable DoRA adapters ({', '.join(dora)}) is not supported yet: their "
+                           "scale is taken against the float weight; export with --merged --int4 instead")
     bits = quant_bits(model.base)
     if bits and merged:
         raise QuantizationError("--merged with a 4/8-bit base is not supported: fold the adapter into a float "
@@ -104,7 +113,7 @@ def export_onnx(model, out_dir: str | os.PathLike, adapters: list[str] | None = 
         if bits:
             extra["quantization"] = export_facts(model.base)
         if int4:
-            extra["int4"] = quantize_int4(tmp / MODEL_FILE, int4, {n for lo in loras for n in onnx_input_names(lo.path)},
+            extra["int4"] = quantize_int4(tmp / MODEL_FILE, int4, {n for lo in loras for n in lo.names},
                                           _linear_weights(model.base))
         written = {} if merged else write_adapters(model, names, loras, tmp, rename, bank=bank)
         if bank:
@@ -204,7 +213,10 @@ def _to_onnx(graph, call: dict[str, Any], feed: InputFeed | None, past: list | N
         else:
             args += [torch.zeros(lo.in_features, 2), torch.zeros(2, lo.out_features)]
             shapes += [{1: rank}, {0: rank}]
-        input_names += onnx_input_names(lo.path)
+        if lo.dora:
+            args.append(torch.ones(lo.out_features))
+            shapes.append({})
+        input_names += lo.names
     wrapper = _Wrapper(graph, tuple(input_names[: len(names)]), loras, feed or InputFeed(), consts, past is not None,
                        bank)
     with warnings.catch_warnings(), torch.no_grad():

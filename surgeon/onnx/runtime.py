@@ -154,6 +154,8 @@ class AdapterSession:
                 bad.append(f"{key}: {list(shape)} vs model {list(want)}")
                 continue
             module, part = parse_onnx_input(key)
+            if part == "G":  # DoRA's factor [out]: its shape is fixed, checked above
+                continue
             ranks.setdefault(module, {})[part] = shape[-1] if part == "A" else shape[-2]  # a bank's lead with slots
         bad += [f"{m}: rank {r.get('A')} in lora_A but {r.get('B')} in lora_B"
                 for m, r in sorted(ranks.items()) if len(r) == 2 and len(set(r.values())) > 1]

@@ -22,6 +22,7 @@ from surgeon.names import (
     MANIFEST_FORMAT,
     MODEL_FILE,
     adapter_file,
+    onnx_dora_name,
     onnx_input_names,
     present_names,
 )
@@ -39,7 +40,7 @@ def save_model(program, path: Path, loras: tuple[LoraInput, ...], base, kv_layer
     weight_bytes = sum(p.numel() * p.element_size() for p in base.parameters())
     program.save(str(path), external_data=weight_bytes > EXTERNAL_DATA_BYTES)
     proto = onnx.load(str(path), load_external_data=False)
-    lora_names = {n for lo in loras for n in onnx_input_names(lo.path)}
+    lora_names = {n for lo in loras for n in lo.names}
     for value in proto.graph.input:
         if value.name in lora_names:
             for dim in value.type.tensor_type.shape.dim:
@@ -52,6 +53,9 @@ def save_model(program, path: Path, loras: tuple[LoraInput, ...], base, kv_layer
         name_a, name_b = onnx_input_names(lo.path)
         proto.graph.initializer.append(helper.make_tensor(name_a, TensorProto.FLOAT, slot + [lo.in_features, 0], []))
         proto.graph.initializer.append(helper.make_tensor(name_b, TensorProto.FLOAT, slot + [0, lo.out_features], []))
+        if lo.dora:  # g = 1: the base weight's own scale
+            proto.graph.initializer.append(helper.make_tensor(onnx_dora_name(lo.path), TensorProto.FLOAT,
+                                                              [lo.out_features], [1.0] * lo.out_features))
     if bank:
         _broadcast_adapter_ids(proto)
         proto.graph.initializer.append(helper.make_tensor(ADAPTER_IDS, TensorProto.INT64, [1], [0]))
@@ -150,11 +154,13 @@ def write_adapters(model, names: list[str], loras: tuple[LoraInput, ...], out: P
             layer = layers[lo.path]
             if name not in layer.adapters:
                 continue  # that module keeps its rank-0 default: no change there
-            a, b = adapter_tensors(layer, name)
+            a, b, *g = adapter_tensors(layer, name, _base_weight(model, lo))
             if bank:
                 a, b = a.unsqueeze(0), b.unsqueeze(0)
             name_a, name_b = onnx_input_names(lo.path)
             params[name_a], params[name_b] = a.numpy(), b.numpy()
+            if g:
+                params[onnx_dora_name(lo.path)] = g[0].numpy()
             targets.append(lo.path)
             ranks.add(a.shape[-1])
         shown = rename.get(name, name)
@@ -162,6 +168,11 @@ def write_adapters(model, names: list[str], loras: tuple[LoraInput, ...], out: P
         written[shown] = {"file": adapter_file(shown), "targets": targets, "ranks": sorted(ranks),
                           "config": model.peft_config[name].to_peft_dict()}
     return written
+
+
+def _base_weight(model, lo: LoraInput):
+    """The float base weight at a DoRA site (what its ``g`` is taken against); None elsewhere."""
+    return model.base.get_submodule(lo.path).weight if lo.dora else None
 
 
 def generation_facts(base, layout) -> dict[str, Any]:
@@ -198,7 +209,7 @@ def _describe(values) -> list[dict]:
 def write_manifest(directory: Path, model, loras, adapters: dict, *, merged: str | None, source: str | None,
                    tokenizer: bool, kv_cache: bool, extra: dict | None = None) -> None:
     proto = onnx.load(str(directory / MODEL_FILE), load_external_data=False)
-    lora_names = {n for lo in loras for n in onnx_input_names(lo.path)}
+    lora_names = {n for lo in loras for n in lo.names}
     manifest = {
         "format": MANIFEST_FORMAT,
         "model": MODEL_FILE,
@@ -208,7 +219,8 @@ def write_manifest(directory: Path, model, loras, adapters: dict, *, merged: str
         "inputs": [v for v in _describe(proto.graph.input) if v["name"] not in lora_names],
         "outputs": _describe(proto.graph.output),
         "lora_inputs": [{"path": lo.path, "kind": lo.kind, "in": lo.in_features, "out": lo.out_features,
-                         "a": onnx_input_names(lo.path)[0], "b": onnx_input_names(lo.path)[1]} for lo in loras],
+                         "a": onnx_input_names(lo.path)[0], "b": onnx_input_names(lo.path)[1],
+                         **({"dora": onnx_dora_name(lo.path)} if lo.dora else {})} for lo in loras],
         "adapters": adapters,
         "merged_adapter": merged,
         "kv_cache": kv_cache,

@@ -22,7 +22,7 @@ from torch import fx, nn
 from surgeon.errors import FoldError
 from surgeon.graphs import copy_graph, fetch_attr, graphs_of, node_named, recompile_all, set_nested, subgraph
 from surgeon.layers import LoraLayer, SavedTensor
-from surgeon.matching import SITE_OPS
+from surgeon.matching import SITE_OPS, branch_args
 from surgeon.names import FOLDED_ROOT, LORA_ROOT, folded_attr, folded_saved_attr, layer_attr, restored_attr
 from surgeon.passes.merge_kernel import Factors, factors_of, write_merged
 
@@ -44,11 +44,12 @@ class FoldedSite:
 
 
 def lora_delta(layer: LoraLayer, names: tuple[str, ...] | None = None) -> torch.Tensor | None:
-    """``sum scale * B @ A`` over the layer's active (or named) adapters, fp32, in the base weight's layout."""
+    """``sum scale * B @ A`` over the layer's active (or named) plain LoRA adapters, fp32, in the base weight's layout
+    (a DoRA adapter's change depends on the weight: ``fold`` it)."""
     factors = factors_of(layer, names)
     if not factors:
         return None
-    delta = sum(b @ a * scale for b, a, scale in factors)
+    delta = sum(b @ a * scale for b, a, scale, _ in factors)
     return delta if layer.kind == "linear" else delta.t()  # conv1d [in, out], embedding [num, dim]
 
 
@@ -78,10 +79,10 @@ def _fold_site(sub: fx.GraphModule, gpath: str, branch: fx.Node, tied_warned: se
     site = branch.args[1]
     w_node = site.args[SITE_OPS[site.target][1]]
     weight = fetch_attr(sub, w_node.target)
-    factors = factors_of(layer)
+    factors = factors_of(layer, weight=weight)
     new_weight = torch.empty_like(weight.detach(), memory_format=torch.contiguous_format)
     write_merged(weight, factors, layer.kind, layer.path, dst=new_weight)
-    if any(u is not site for u in w_node.users) and layer.path not in tied_warned:
+    if any(u is not site and u is not branch for u in w_node.users) and layer.path not in tied_warned:
         tied_warned.add(layer.path)
         warnings.warn(f"fold: {layer.path} shares its weight with other layers (tied embeddings); the fold unties it: "
                       "only this layer gets the merged weight", stacklevel=3)
@@ -119,7 +120,7 @@ def unfold(gm: fx.GraphModule) -> fx.GraphModule:
         if attr not in dict(sub.named_modules()):
             sub.add_submodule(attr, record.layer)
         with sub.graph.inserting_after(site):
-            branch = sub.graph.call_module(attr, (site.args[SITE_OPS[site.target][2]], site))
+            branch = sub.graph.call_module(attr, branch_args(site, record.layer))
         site.replace_all_uses_with(branch, delete_user_cb=lambda u: u is not branch)
     recompile_all(new)
     new.meta[META_KEY] = ()

@@ -4,6 +4,9 @@ Before: ``z = call_module(surgeon_lora.<path>, (x, y))`` (weights inside the mod
 After:  ``z = call_module(surgeon_lora.<path>, (x, y))`` where the module is an ``InputLora`` that
 computes ``y + (x @ A) @ B`` (embedding: ``y + A[ids] @ B``) with ``A`` [in, r] and ``B`` [r, out]
 (scale baked into B) taken from the tensors the export wrapper feeds for that path.
+A DoRA site (``(x, y, W, b)``) also takes ``g`` [out], DoRA's ``magnitude / ||W + scale * B @ A||`` worked out
+when the adapter file is written (the norm is a constant of the adapter: no weight-sized work per run), and computes
+``y + (g - 1) * (y - b) + g * (x @ A) @ B``; with ``g`` ones and rank 0 that is ``y``.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from torch.nn import functional as F
 
 from surgeon.layers import LoraLayer
 from surgeon.graphs import copy_graph
+from surgeon.names import onnx_dora_name, onnx_input_names
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,6 +28,12 @@ class LoraInput:
     kind: str
     in_features: int
     out_features: int
+    dora: bool = False
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """Its graph inputs: A, B, and DoRA's g."""
+        return onnx_input_names(self.path) + ((onnx_dora_name(self.path),) if self.dora else ())
 
 
 class InputFeed:
@@ -34,7 +44,7 @@ class InputFeed:
     """
 
     def __init__(self):
-        self.tensors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.tensors: dict[str, tuple[torch.Tensor, ...]] = {}  # (A, B), or (A, B, g) at a DoRA site
         self.ids: torch.Tensor | None = None
 
 
@@ -43,8 +53,12 @@ class InputLora(nn.Module):
         super().__init__()
         self.path, self.kind, self.feed = path, kind, feed
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        a, b = self.feed.tensors[self.path]
+    def forward(self, x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor | None = None,
+                bias: torch.Tensor | None = None) -> torch.Tensor:
+        a, b, *g = self.feed.tensors[self.path]
+        if g:  # DoRA (weight only marks the site: g was worked out from it when the adapter was written)
+            base = y if bias is None else y - bias
+            return y + (g[0] - 1) * base + g[0] * ((x.to(a.dtype) @ a) @ b).to(y.dtype)
         if self.feed.ids is not None:
             return y + self._bank(x, a, b, self.feed.ids).reshape(y.shape).to(y.dtype)
         if self.kind == "embedding":
@@ -71,14 +85,20 @@ def lora_as_inputs(gm: fx.GraphModule, feed: InputFeed) -> tuple[fx.GraphModule,
         if isinstance(module, LoraLayer):
             parent, _, leaf = name.rpartition(".")
             setattr(new.get_submodule(parent) if parent else new, leaf, InputLora(module.path, module.kind, feed))
-            found[module.path] = LoraInput(module.path, module.kind, module.in_features, module.out_features)
+            found[module.path] = LoraInput(module.path, module.kind, module.in_features, module.out_features,
+                                           module.dora)
     new.recompile()
     return new, tuple(found[p] for p in sorted(found))
 
 
-def adapter_tensors(layer: LoraLayer, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(A [in, r], B [r, out] * scale)`` of one adapter: the layout the ONNX inputs take."""
+def adapter_tensors(layer: LoraLayer, adapter_name: str, weight: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+    """``(A [in, r], B [r, out] * scale)`` of one adapter: the layout the ONNX inputs take; a DoRA adapter also
+    ``g = magnitude / ||W + scale * B @ A||`` [out] against the site's base ``weight``."""
     adapter = layer.adapters[adapter_name]
     a = adapter.lora_A[: adapter.r].detach().t().contiguous()
     b = (adapter.lora_B[:, : adapter.r].detach().t() * adapter.scaling).contiguous()
-    return a.float(), b.float()
+    if not adapter.dora:
+        return a.float(), b.float()
+    if weight is None:
+        raise ValueError(f"{layer.path}: a DoRA adapter's ONNX tensors need the base weight")
+    return a.float(), b.float(), (adapter.magnitude.detach().float() / adapter.weight_norm(weight)).contiguous()

@@ -19,10 +19,10 @@ import torch
 from torch import fx, nn
 
 from surgeon.config import LoraConfig
-from surgeon.errors import AdapterError
+from surgeon.errors import AdapterError, QuantizationError
 from surgeon.graphs import copy_graph, existing, fetch_attr, graphs_of, module_path_of, node_named, subgraph
 from surgeon.layers import LoraAdapter, LoraLayer, SavedTensor
-from surgeon.matching import SITE_OPS, Match, Target, match
+from surgeon.matching import SITE_OPS, Match, Target, branch_args, match
 from surgeon.names import layer_attr, saved_attr
 
 
@@ -74,9 +74,18 @@ def new_adapter_modules(gm: fx.GraphModule, found: Match, config: LoraConfig, ad
 
 def add_adapter(layer: LoraLayer, target: Target, config: LoraConfig, name: str, weight: torch.Tensor) -> None:
     """Give ``layer`` a freshly initialised adapter ``name`` for ``target`` (on the base weight's device)."""
-    layer.adapters[name] = LoraAdapter(target.kind, target.in_features, target.out_features, target.r, target.scale,
-                                       config.lora_dropout, config.init_lora_weights, dtype=_adapter_dtype(weight),
-                                       device=weight.device)
+    if config.use_dora and target.kind == "embedding":
+        raise AdapterError(f"use_dora=True: {target.path} is an embedding; surgeon applies DoRA to linear layers only. "
+                           "Leave it out of target_modules, or adapt it with plain LoRA in another adapter")
+    if config.use_dora and not weight.is_floating_point():
+        raise QuantizationError(f"use_dora=True: {target.path} is a quantized (packed {weight.dtype}) linear; DoRA "
+                                "needs the weight's column norms. Load the base in float, or set use_dora=False")
+    adapter = LoraAdapter(target.kind, target.in_features, target.out_features, target.r, target.scale,
+                          config.lora_dropout, config.init_lora_weights, dtype=_adapter_dtype(weight),
+                          device=weight.device, dora=config.use_dora)
+    if adapter.dora:
+        adapter.init_magnitude(weight)
+    layer.adapters[name] = adapter
     layer.active = layer.active or (name,)
 
 
@@ -122,13 +131,16 @@ def _site_weight(gm: fx.GraphModule, target: Target) -> torch.Tensor:
 
 def _wrap_site(sub: fx.GraphModule, node_name: str, attr: str, layer: LoraLayer) -> int:
     node = node_named(sub, node_name)
-    if any(u.op == "call_module" and u.target == attr for u in node.users):
-        return 0  # already wrapped
+    args = branch_args(node, layer)
+    wrapped = [u for u in node.users if u.op == "call_module" and u.target == attr]
+    if wrapped:  # already wrapped; a first DoRA adapter there gets the weight and bias passed too
+        if len(args) > len(wrapped[0].args):
+            wrapped[0].args = args
+        return 0
     if existing(sub, attr) is None:
         sub.add_submodule(attr, layer)
-    x = node.args[SITE_OPS[node.target][2]]
     with sub.graph.inserting_after(node):
-        branch = sub.graph.call_module(attr, (x, node))
+        branch = sub.graph.call_module(attr, args)
     branch.meta = {k: v for k, v in node.meta.items() if k in ("nn_module_stack", "stack_trace", "val")}
     node.replace_all_uses_with(branch, delete_user_cb=lambda user: user is not branch)
     return 1

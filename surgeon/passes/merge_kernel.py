@@ -1,7 +1,9 @@
 """``W + sign * sum scale * B @ A``, written in fp32 row chunks and checked for NaN/Inf before each write.
 
 The one merge kernel: the fold pass writes new tensors with it, ``merge_adapter`` writes the base
-weights in place with it, and both undo with the same factors they added.
+weights in place with it, and both undo with the same factors they added. A DoRA factor also holds
+``g = magnitude / ||W + scale * B @ A||`` per output, taken when the factors are: it merges as
+``g * (W + scale * B @ A)`` and undoes as ``W / g - scale * B @ A`` (factors undone in reverse).
 """
 
 from __future__ import annotations
@@ -12,24 +14,46 @@ from surgeon.errors import FoldError
 from surgeon.layers import LoraLayer
 
 CHUNK_ELEMENTS = 1 << 19  # ~2 MiB of fp32 per row chunk: the sum and its check stay in cache
-Factors = tuple[tuple[torch.Tensor, torch.Tensor, float], ...]  # (B [out, r], A [r, in], scale), fp32
+# (B [out, r], A [r, in], scale, DoRA's g [out] or None), fp32
+Factors = tuple[tuple[torch.Tensor, torch.Tensor, float, torch.Tensor | None], ...]
 
 
-def factors_of(layer: LoraLayer, names: tuple[str, ...] | None = None) -> Factors:
-    """A snapshot of ``(B, A, scale)`` of the layer's active (or named) adapters: fp32 copies, rank-trimmed."""
-    chosen = names if names is not None else layer.active
-    return tuple((a.lora_B[:, : a.r].detach().float().clone(), a.lora_A[: a.r].detach().float().clone(), float(a.scaling))
-                 for n in chosen if n in layer.adapters for a in (layer.adapters[n],))
+def factors_of(layer: LoraLayer, names: tuple[str, ...] | None = None, weight: torch.Tensor | None = None) -> Factors:
+    """A snapshot of ``(B, A, scale, g)`` of the layer's active (or named) adapters: fp32 copies, rank-trimmed.
+
+    A DoRA adapter's ``g`` is taken against ``weight`` with the factors before it merged (as PEFT merges one adapter
+    after another)."""
+    chosen = [layer.adapters[n] for n in (names if names is not None else layer.active) if n in layer.adapters]
+    out = []
+    for a in chosen:
+        g = None
+        if a.dora:
+            if weight is None:
+                raise ValueError(f"{layer.path}: merging a DoRA adapter needs the base weight")
+            current = weight
+            if out:
+                current = torch.empty_like(weight, dtype=torch.float32)
+                write_merged(weight, tuple(out), layer.kind, layer.path, dst=current)
+            g = (a.magnitude.detach().float() / a.weight_norm(current)).clone()
+        out.append((a.lora_B[:, : a.r].detach().float().clone(), a.lora_A[: a.r].detach().float().clone(),
+                    float(a.scaling), g))
+    return tuple(out)
 
 
 def _add_rows(out: torch.Tensor, factors: Factors, kind: str, start: int, stop: int, sign: float) -> torch.Tensor:
-    """``out += sign * delta[start:stop]`` in the weight's layout, by addmm (no full-size delta)."""
-    for b, a, scale in factors:
+    """``out += sign * delta[start:stop]`` in the weight's layout, by addmm (no full-size delta); DoRA factors scale
+    each output by ``g`` after (``sign`` < 0: divide before, factors in reverse)."""
+    for b, a, scale, g in (factors if sign > 0 else reversed(factors)):
         b, a = b.to(out.device), a.to(out.device)
+        rows = None if g is None else (g.to(out.device)[start:stop, None] if kind == "linear" else g.to(out.device))
+        if rows is not None and sign < 0:
+            out.div_(rows)
         if kind == "linear":  # W [out, in]: rows of B
             torch.addmm(out, b[start:stop], a, alpha=sign * scale, out=out)
         else:  # conv1d [in, out] and embedding [num, dim] hold (B @ A)^T: rows are columns of A
             torch.addmm(out, a[:, start:stop].t(), b.t(), alpha=sign * scale, out=out)
+        if rows is not None and sign > 0:
+            out.mul_(rows)
     return out
 
 

@@ -16,7 +16,7 @@ def describe_adapter(directory: str) -> str:
     saved = []
     for key, value in tensors.items():
         path, part = parse_peft_key(key)
-        if part in ("A", "B"):
+        if part in ("A", "B", "M"):
             pairs.setdefault(path, {})[part] = value
         else:
             saved.append((f"{path}.{part}", tuple(value.shape)))
@@ -35,6 +35,7 @@ def describe_adapter(directory: str) -> str:
         f"adapter: {d}",
         f"base: {config.base_model_name_or_path}   task: {config.task_type.value if config.task_type else None}",
         f"r={config.r} lora_alpha={config.lora_alpha:g} dropout={config.lora_dropout:g} rslora={config.use_rslora} "
+        f"{'dora=True (lora_magnitude_vector per module) ' if config.use_dora else ''}"
         f"bias={config.bias} target_modules={_show(config.target_modules)}",
         "",
         table,
