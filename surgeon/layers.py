@@ -31,6 +31,7 @@ class LoraAdapter(nn.Module):
         self.reset(init)
         # DoRA's magnitude per output (PEFT's lora_magnitude_vector): set from the base weight by init_magnitude
         self.magnitude = nn.Parameter(torch.ones(out_features, dtype=dtype, device=device)) if dora else None
+        self._norm_cache: tuple | None = None  # ((W's storage, version, shape, strides), ||W_i||^2)
 
     @property
     def dora(self) -> bool:
@@ -43,11 +44,22 @@ class LoraAdapter(nn.Module):
 
     @torch.no_grad()
     def weight_norm(self, weight: torch.Tensor) -> torch.Tensor:
-        """``||W + scale * B @ A||`` per output (fp32, detached as PEFT does): W in the site's layout."""
-        w = weight.detach().float()
-        w = w if self.kind == "linear" else w.t()  # conv1d holds [in, out]
-        lora = self.lora_B[:, : self.r].detach().float() @ self.lora_A[: self.r].detach().float()
-        return torch.linalg.norm(w + self.scale * lora, dim=1)
+        """``||W + scale * B @ A||`` per output (fp32, detached as PEFT does), W in the site's layout, without a
+        weight-sized temporary: ``||W_i||^2 + 2 s (W A^T)_i . B_i + s^2 B_i (A A^T) B_i`` (``||W_i||`` kept while W
+        is unchanged)."""
+        w = weight.detach()
+        w = (w if self.kind == "linear" else w.t()).float()  # conv1d holds [in, out]; a view unless W is half
+        a, b = self.lora_A[: self.r].detach().float(), self.lora_B[:, : self.r].detach().float()
+        if torch.compiler.is_compiling():  # no Python-side cache inside a compiled graph
+            rows = torch.linalg.vector_norm(w, dim=1).square()
+        else:
+            key = (weight.data_ptr(), weight._version, tuple(weight.shape), weight.stride())
+            if self._norm_cache is None or self._norm_cache[0] != key:
+                self._norm_cache = (key, torch.linalg.vector_norm(w, dim=1).square())
+            rows = self._norm_cache[1]
+        s = self.scaling
+        sq = rows + 2 * s * ((w @ a.t()) * b).sum(1) + s * s * ((b @ (a @ a.t())) * b).sum(1)
+        return sq.clamp_min(0).sqrt()
 
     def dora_delta(self, x: torch.Tensor, result: torch.Tensor, weight: torch.Tensor,
                    bias: torch.Tensor | None) -> torch.Tensor:
