@@ -20,7 +20,7 @@ from surgeon.errors import (
 __version__ = "0.1.0"
 
 _LAZY = {
-    "LoraConfig": "surgeon.config", "TaskType": "surgeon.config",
+    "LoraConfig": "surgeon.config", "TaskType": "surgeon.config", "IA3Config": "surgeon.ia3_config",
     "capture": "surgeon.capturing", "match": "surgeon.matching",
     "inject_lora": "surgeon.passes.lora", "fold": "surgeon.passes.fold", "unfold": "surgeon.passes.fold",
     "SurgeonModel": "surgeon.model", "get_peft_model": "surgeon.model",

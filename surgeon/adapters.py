@@ -15,6 +15,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load, save
 
 from surgeon.config import LoraConfig
+from surgeon.ia3_config import config_from_peft_dict
 from surgeon.errors import AdapterError, AdapterFileError, did_you_mean
 from surgeon.jsonfile import read_json
 from surgeon.names import CONFIG_NAME, PICKLE_WEIGHTS_NAME, WEIGHTS_NAME, parse_peft_key
@@ -46,7 +47,7 @@ def read_adapter_dir(directory: str | os.PathLike) -> tuple[LoraConfig, dict[str
     data = read_json(config_path, AdapterFileError)
     if not isinstance(data, dict) or "peft_type" not in data:
         raise AdapterFileError(f"{config_path}: no 'peft_type' field; is this a PEFT adapter_config.json?")
-    config = LoraConfig.from_peft_dict(data, source=str(config_path))
+    config = config_from_peft_dict(data, source=str(config_path))
     if not weights_path.is_file():
         if (directory / PICKLE_WEIGHTS_NAME).is_file():
             raise AdapterFileError(

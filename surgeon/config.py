@@ -76,6 +76,8 @@ def _tupled(value):
 class LoraConfig:
     """A LoRA adapter's recipe, with PEFT's field names and defaults."""
 
+    peft_type = "LORA"  # a class attribute, not a field
+
     r: int = 8
     lora_alpha: float = 8
     lora_dropout: float = 0.0
@@ -152,7 +154,8 @@ class LoraConfig:
         """Read PEFT's JSON. Unsupported features are errors; unknown keys are warned about by name."""
         if data.get("peft_type") != "LORA":
             raise ConfigError(
-                f"{source}: peft_type={data.get('peft_type')!r}; surgeon reads LoRA adapters only (peft_type \"LORA\")"
+                f"{source}: peft_type={data.get('peft_type')!r}; surgeon reads LoRA and IA3 adapters (peft_type \"LORA\" "
+                "or \"IA3\")"
             )
         names = {f.name for f in dataclasses.fields(cls)}
         kwargs, unsupported, unknown = {}, [], []

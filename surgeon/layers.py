@@ -239,3 +239,58 @@ class SavedTensor(nn.Module):
                 if name in self.copies:
                     return self.copies[name]
         return self.original
+
+
+class IA3Vector(nn.Module):
+    """One (IA)^3 adapter at one site: ``ia3_l`` [1, in] (feed-forward: scales the input) or [out, 1] (scales the
+    output), PEFT's layout; ones at the start (``init_ia3_weights``), else random normal as PEFT draws."""
+
+    def __init__(self, size: int, feedforward: bool, init: bool = True, dtype=None, device=None):
+        super().__init__()
+        shape = (1, size) if feedforward else (size, 1)
+        self.ia3_l = nn.Parameter(torch.ones(shape, dtype=dtype, device=device) if init
+                                  else torch.randn(shape, dtype=dtype, device=device))
+
+
+class IA3Layer(nn.Module):
+    """Every (IA)^3 adapter of one target module. Output sites: ``call_module(layer, (x, y))`` returns ``y * l``;
+    feed-forward sites: ``call_module(layer, (x,))`` feeds ``x * l`` to the linear in place of ``x``."""
+
+    def __init__(self, path: str, kind: str, in_features: int, out_features: int, feedforward: bool):
+        super().__init__()
+        self.path, self.kind, self.feedforward = path, kind, feedforward
+        self.in_features, self.out_features = in_features, out_features
+        self.adapters = nn.ModuleDict()
+        self.active: tuple[str, ...] = ()
+        self.merged: tuple[str, ...] = ()
+        self.merged_factors: dict[str, torch.Tensor] = {}  # what each merge multiplied by
+        self.enabled = True
+        self.rows = None  # adapter_names is refused for IA3 (adapter_state.check_rows)
+        self.dora = False
+
+    def shallow_copy(self) -> IA3Layer:
+        new = IA3Layer(self.path, self.kind, self.in_features, self.out_features, self.feedforward)
+        for name, adapter in self.adapters.items():
+            new.adapters[name] = adapter
+        new.active, new.merged, new.enabled = self.active, self.merged, self.enabled
+        new.merged_factors = dict(self.merged_factors)
+        return new
+
+    def scaling(self, names: tuple[str, ...] | None = None) -> torch.Tensor | None:
+        """The product of the active (or named) unmerged adapters' vectors, flat; None when there is none."""
+        out = None
+        for name in (self.active if names is None else names):
+            if name in self.adapters and (names is not None or name not in self.merged):
+                vector = self.adapters[name].ia3_l.flatten()
+                out = vector if out is None else out * vector
+        return out
+
+    def forward(self, x: torch.Tensor, base_out: torch.Tensor | None = None) -> torch.Tensor:
+        scale = self.scaling() if self.enabled else None
+        if self.feedforward:
+            return x if scale is None else (x.to(scale.dtype) * scale).to(x.dtype)
+        return base_out if scale is None else (base_out * scale).to(base_out.dtype)
+
+    def extra_repr(self) -> str:
+        where = "input" if self.feedforward else "output"
+        return f"{self.path}: (IA)^3 on the {where}, {self.kind} {self.in_features}->{self.out_features}"

@@ -170,8 +170,9 @@ def resolve_modules_to_save(config: LoraConfig, info: CaptureInfo) -> tuple[str,
 def _resolve_targets(config: LoraConfig, info: CaptureInfo):
     spec = config.target_modules
     if spec is None:
-        if info.model_type in DEFAULT_TARGETS:
-            return DEFAULT_TARGETS[info.model_type]
+        defaults = getattr(config, "default_targets", DEFAULT_TARGETS)  # IA3Config has its own
+        if info.model_type in defaults:
+            return defaults[info.model_type]
         raise ConfigError(
             f"target_modules is not set and surgeon has no default for model_type={info.model_type!r}; "
             f"set it to some of: {_leaf_names(info.modules)[:12]}"

@@ -71,6 +71,13 @@ def peft_magnitude_key(path: str) -> str:
     return f"{PEFT_PREFIX}{path}.{DORA_PART}"
 
 
+IA3_PART = "ia3_l"  # PEFT's key for an (IA)^3 vector: [1, in] (feed-forward) or [out, 1]
+
+
+def peft_ia3_key(path: str) -> str:
+    return f"{PEFT_PREFIX}{path}.{IA3_PART}"
+
+
 def peft_saved_key(param_path: str) -> str:
     """PEFT's key for a modules_to_save parameter (``base_model.model.<module>.<param>``)."""
     return f"{PEFT_PREFIX}{param_path}"
@@ -82,6 +89,8 @@ def parse_peft_key(key: str) -> tuple[str, str]:
     body = key.removeprefix(PEFT_PREFIX)
     if body.endswith("." + DORA_PART):
         return body[: -len(DORA_PART) - 1], "M"
+    if body.endswith("." + IA3_PART):
+        return body[: -len(IA3_PART) - 1], "L"
     for a, b in set(_PEFT_PARTS.values()):
         for suffix, part in ((a, "A"), (b, "B")):
             if body.endswith("." + suffix):
@@ -133,10 +142,18 @@ def onnx_dora_name(path: str) -> str:
     return f"{path}.{DORA_INPUT}"
 
 
+def onnx_ia3_name(path: str) -> str:
+    """ONNX graph input for the (IA)^3 vector of the module at ``path`` (flat; default ones: the base)."""
+    return f"{path}.{IA3_PART}"
+
+
 def parse_onnx_input(name: str) -> tuple[str, str] | None:
-    """``(module path, 'A', 'B' or 'G')`` of an adapter input name (G: DoRA's factor); None for any other input."""
+    """``(module path, 'A', 'B', 'G' or 'L')`` of an adapter input name (G: DoRA's factor, L: an (IA)^3 vector);
+    None for any other input."""
     if name.endswith("." + DORA_INPUT):
         return name[: -len(DORA_INPUT) - 1], "G"
+    if name.endswith("." + IA3_PART):
+        return name[: -len(IA3_PART) - 1], "L"
     for suffix, part in zip(_ONNX_PARTS, ("A", "B")):
         if name.endswith("." + suffix):
             return name[: -len(suffix) - 1], part

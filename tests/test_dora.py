@@ -278,3 +278,20 @@ def test_dora_hotswap_equals_a_fresh_load(tmp_path):
         model(**b)
         model.load_adapter(tmp_path / "second", adapter_name="default", hotswap=True)
         assert (model(**b).logits - second.eval()(**b).logits).abs().max() <= 1e-5
+
+
+def test_genai_runs_the_dora_export_as_written(dora_exports, genai):
+    """onnxruntime-genai (its own onnxruntime) feeds the .onnx_adapter files, g included: greedy tokens equal ours."""
+    from surgeon.onnx.runtime import AdapterSession
+    from tests.conftest import session_new_tokens, until_eos
+
+    root, _ = dora_exports["llama"]
+    session = AdapterSession(root / "onnx")
+    eos = set(session.generation["eos_token_id"])
+    pad = session.generation["pad_token_id"]
+    pad = pad if pad is not None else min(eos)
+    prompts = [[5, 9, 11, 3], [7, 2, 8, 8, 30, 4]]
+    got = genai(root / "onnx", prompts, adapters=(None, "default", "plain"), n=8)
+    want = {a: until_eos(session_new_tokens(session, prompts, a, 8, pad), eos) for a in (None, "default", "plain")}
+    assert {a: until_eos(got[a], eos) for a in want} == want
+    assert want["default"] != want[None]

@@ -143,16 +143,19 @@ def test_many_adapters_section_runs_as_written(tmp_path, capsys):
 
 
 def test_methods_section_runs_as_written(tmp_path):
-    """"Methods: LoRA and DoRA": train (2 steps), inspect, export and check a DoRA adapter, as written."""
+    """"Methods": train (2 steps), inspect, export and check a DoRA and an IA3 adapter, and the IA3 Python block,
+    as written."""
     from click.testing import CliRunner
 
+    import surgeon
     from surgeon.cli import main
 
     text = README.read_text()
-    section = text[text.index("## Methods: LoRA and DoRA"):text.index("## Fold: merge adapters")]
+    section = text[text.index("## Methods: LoRA, DoRA, IA3"):text.index("## Fold: merge adapters")]
     commands = [line for block in re.findall(r"```bash\n(.*?)```", section, re.S) for line in block.splitlines()
                 if line.strip()]
-    assert [shlex.split(c)[1] for c in commands] == ["train", "inspect", "export", "check"]
+    assert [shlex.split(c)[1] for c in commands] == ["train", "inspect", "export", "check",
+                                                          "inject", "train", "export", "check"]
     cwd = os.getcwd()
     os.chdir(tmp_path)
     try:
@@ -166,3 +169,6 @@ def test_methods_section_runs_as_written(tmp_path):
     finally:
         os.chdir(cwd)
     assert "dora=True" in outputs[1] and "0 failed" in outputs[3]
+    assert "IA3 on the input" in outputs[4] and "0 failed" in outputs[7]
+    namespace = {"__name__": "__readme__", "base": surgeon.load_model("tiny-gpt2")}
+    exec(compile(re.findall(r"```python\n(.*?)```", section, re.S)[0], "README.md IA3 block", "exec"), namespace)

@@ -43,7 +43,7 @@ def main() -> None:
 @click.option("--force", is_flag=True, help="Replace OUT if it exists (never a model directory or an input).")
 @bits_option
 @friendly
-def inject(model, targets, rank, alpha, dropout, all_linear, dora, dry_run, output, bits, force):
+def inject(model, targets, rank, alpha, dropout, all_linear, dora, method, dry_run, output, bits, force):
     """Show where LoRA goes in MODEL (a directory or built-in name) and write the initial adapter."""
     quiet()
     from surgeon.matching import match
@@ -53,10 +53,10 @@ def inject(model, targets, rank, alpha, dropout, all_linear, dora, dry_run, outp
     if output and not dry_run:
         check_adapter_out(output, [input_dir(model)], force)
     base = load_base(model, bits)
-    config = lora_config(targets, rank, alpha, dropout, all_linear, base_name(model), dora)
+    config = lora_config(targets, rank, alpha, dropout, all_linear, base_name(model), dora, method)
     peft_model = get_peft_model(base, config)
     found = match(peft_model.graphs.any(), config)
-    click.echo(targets_table(found))
+    click.echo(targets_table(found, config, peft_model.graphs.any().meta["surgeon"].model_type))
     click.echo(trainable_parameters_line(*peft_model.get_nb_trainable_parameters()))
     if output and not dry_run:
         write_adapter(peft_model, output, [input_dir(model)], force)
@@ -81,8 +81,8 @@ def inject(model, targets, rank, alpha, dropout, all_linear, dora, dry_run, outp
 @click.option("--compile", "compile_graphs", is_flag=True,
               help="torch.compile the injected graph (inductor): a slow first step, faster steps after.")
 @friendly
-def train(model, data, heldout, targets, rank, alpha, dropout, all_linear, dora, steps, lr, batch_size, seq_len, seed,
-          eval_blocks_n, output, force, bits, compile_graphs):
+def train(model, data, heldout, targets, rank, alpha, dropout, all_linear, dora, method, steps, lr, batch_size,
+          seq_len, seed, eval_blocks_n, output, force, bits, compile_graphs):
     """Fine-tune a LoRA adapter on MODEL (default: the embedded tiny GPT-2) and write it.
 
     Under torchrun or accelerate launch, each process trains on its share of every batch (--batch-size is the
@@ -101,7 +101,7 @@ def train(model, data, heldout, targets, rank, alpha, dropout, all_linear, dora,
     model = model or DEFAULT_MODEL
     inputs = [input_dir(model), data, heldout]
     check_adapter_out(output, inputs, force)
-    targets = targets or (() if all_linear else BUILTIN_TARGETS.get(model, ()))
+    targets = targets or (() if all_linear or method == "ia3" else BUILTIN_TARGETS.get(model, ()))
     settings = TrainSettings(steps=steps, lr=lr, batch_size=batch_size, seq_len=seq_len, seed=seed)
     tokenizer = load_tokenizer(model)
     blocks = token_blocks(tokenizer, Path(data) if data else DEFAULT_DATA, seq_len)
@@ -115,7 +115,8 @@ def train(model, data, heldout, targets, rank, alpha, dropout, all_linear, dora,
     base = load_base(model, bits)
     for b, source in ((blocks, data or DEFAULT_DATA), (eval_blocks, heldout or data or DEFAULT_HELDOUT)):
         check_vocab(b, base.config.vocab_size, Path(source))
-    peft_model = get_peft_model(base, lora_config(targets, rank, alpha, dropout, all_linear, base_name(model), dora),
+    peft_model = get_peft_model(base, lora_config(targets, rank, alpha, dropout, all_linear, base_name(model), dora,
+                                                  method),
                                 compile=compile_graphs)
     with process_group() as ranks:
         ranks.share(batch_size, "--batch-size")  # refused before any work

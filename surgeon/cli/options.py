@@ -9,6 +9,7 @@ import click
 
 from surgeon.bundled import BUILTIN
 from surgeon.config import MAX_RANK, LoraConfig, TaskType
+from surgeon.ia3_config import IA3Config
 from surgeon.outputs import check_name, check_out, refuse_model_dir, write_dir_atomically
 
 
@@ -38,18 +39,34 @@ def lora_options(fn):
                       help="lora_dropout, in [0, 1).")(fn)
     fn = click.option("--all-linear", is_flag=True, help="Target every linear layer but the output layer.")(fn)
     fn = click.option("--dora", is_flag=True, help="DoRA (use_dora): a trained magnitude per output besides A and B.")(fn)
+    fn = click.option("--method", type=click.Choice(["lora", "ia3"]), default="lora", show_default=True,
+                      help="ia3: PEFT's IA3Config, a learned vector per target (its default targets and feed-forward "
+                           "modules per architecture); -r/--alpha/--dropout/--dora are LoRA's.")(fn)
     return fn
 
 
-def lora_config(targets, rank, alpha, dropout, all_linear, base_name, dora=False):
+def lora_config(targets, rank, alpha, dropout, all_linear, base_name, dora=False, method="lora"):
     target_modules = "all-linear" if all_linear else (list(targets) or None)
+    if method == "ia3":
+        lora_only = [f"--{n}" for n, v, d in (("rank", rank, 8), ("alpha", alpha, 16.0), ("dropout", dropout, 0.0),
+                                               ("dora", dora, False)) if v != d]
+        if lora_only:
+            raise click.UsageError(f"{', '.join(lora_only)}: LoRA options; --method ia3 learns one vector per target "
+                                   "and takes none of them")
+        return IA3Config(target_modules=target_modules, task_type=TaskType.CAUSAL_LM, base_model_name_or_path=base_name)
     return LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules,
                       task_type=TaskType.CAUSAL_LM, base_model_name_or_path=base_name, use_dora=dora)
 
 
-def targets_table(found) -> str:
+def targets_table(found, config=None, model_type: str | None = None) -> str:
     rows = [("module", "kind", "in", "out", "r", "alpha", "status")]
-    rows += [(t.path, t.kind, str(t.in_features), str(t.out_features), str(t.r), f"{t.alpha:g}", "LoRA") for t in found.targets]
+    if isinstance(config, IA3Config):  # a vector per target, on its input (feed-forward) or its output
+        rows += [(t.path, t.kind, str(t.in_features), str(t.out_features), "-", "-",
+                  "IA3 on the " + ("input" if config.is_feedforward(t.path, model_type) else "output"))
+                 for t in found.targets]
+    else:
+        rows += [(t.path, t.kind, str(t.in_features), str(t.out_features), str(t.r), f"{t.alpha:g}", "LoRA")
+                 for t in found.targets]
     rows += [(s.path, s.kind, str(s.in_features), str(s.out_features), "-", "-", f"skipped: {s.reason}") for s in found.skipped]
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)

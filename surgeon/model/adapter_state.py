@@ -12,7 +12,7 @@ from torch import fx, nn
 from surgeon.config import LoraConfig
 from surgeon.errors import AdapterError, did_you_mean
 from surgeon.graphs import set_nested
-from surgeon.layers import LoraLayer, SavedTensor
+from surgeon.layers import IA3Layer, LoraLayer, SavedTensor
 from surgeon.matching import match
 from surgeon.passes.lora import new_adapter_modules
 
@@ -32,10 +32,13 @@ class AdapterState:
     # ---- reading ---------------------------------------------------------------------------------
     def registry(self) -> dict[str, nn.Module]:
         """Graph attribute -> module, for every adapter module of the model."""
-        return {n: m for n, m in self.modules.named_modules() if isinstance(m, (LoraLayer, SavedTensor))}
+        return {n: m for n, m in self.modules.named_modules() if isinstance(m, (LoraLayer, IA3Layer, SavedTensor))}
 
     def lora_layers(self) -> list[LoraLayer]:
         return [m for m in self.registry().values() if isinstance(m, LoraLayer)]
+
+    def ia3_layers(self) -> list[IA3Layer]:
+        return [m for m in self.registry().values() if isinstance(m, IA3Layer)]
 
     def saved_tensors(self) -> list[SavedTensor]:
         return [m for m in self.registry().values() if isinstance(m, SavedTensor)]
@@ -52,6 +55,11 @@ class AdapterState:
             raise AdapterError(f"an adapter named {name!r} exists already; adapters: {sorted(self.configs)}")
         if not isinstance(name, str) or "." in name:  # torch's ModuleDict refuses dots (PEFT's names do too)
             raise AdapterError(f"adapter name {name!r}: must be a string without '.', e.g. 'my-adapter'")
+        kinds = {type(c).__name__ for c in self.configs.values()} - {type(config).__name__}
+        if kinds:
+            raise AdapterError(f"adapter {name!r} is a {type(config).__name__} but this model holds {sorted(kinds)[0]} "
+                               "adapters; surgeon keeps one method per model (PEFT needs its PeftMixedModel for "
+                               "mixing): put it on a model of its own")
         registry = self.registry()
         for attr, module in new_adapter_modules(graph, match(graph, config), config, name, into=registry).items():
             if attr not in registry:
@@ -63,7 +71,7 @@ class AdapterState:
     def delete(self, name: str) -> None:
         self.known(name)
         for module in self.registry().values():
-            store = module.adapters if isinstance(module, LoraLayer) else module.copies
+            store = module.copies if isinstance(module, SavedTensor) else module.adapters
             if name in store:
                 del store[name]
         del self.configs[name]
@@ -76,7 +84,7 @@ class AdapterState:
         train = self.trainable.get(name, True)
         for module in self.registry().values():
             module.active = (name,)
-            tensors = module.adapters if isinstance(module, LoraLayer) else module.copies
+            tensors = module.copies if isinstance(module, SavedTensor) else module.adapters
             for other, tensor in tensors.items():
                 tensor.requires_grad_(train and other == name)
         self.active = name
@@ -125,6 +133,10 @@ class AdapterState:
         if merged:
             raise AdapterError(f"{where}: adapter_names cannot be used while adapters are merged ({merged}); call "
                                "unmerge_adapter() first")
+        ia3 = sorted({n for n in names if getattr(self.configs.get(n), "peft_type", "LORA") == "IA3"})
+        if ia3:
+            raise AdapterError(f"{where}: adapter_names is for LoRA adapters; {ia3} are IA3 (PEFT has no per-row IA3 "
+                               "either): run one IA3 adapter per batch")
         dora = sorted({n for layer in self.lora_layers() for n, a in layer.adapters.items() if a.dora and n in names})
         if dora:
             raise AdapterError(f"{where}: adapter_names cannot mix rows of DoRA adapters ({dora}) in one batch (PEFT "

@@ -10,9 +10,9 @@ import torch
 from surgeon.adapters import check_name, check_tensors, read_adapter_dir, write_adapter_dir
 from surgeon.config import LoraConfig
 from surgeon.errors import AdapterError
-from surgeon.layers import LoraLayer, SavedTensor
+from surgeon.layers import IA3Layer, LoraLayer, SavedTensor
 from surgeon.matching import match, resolve_modules_to_save
-from surgeon.names import peft_keys, peft_magnitude_key, peft_saved_key
+from surgeon.names import peft_ia3_key, peft_keys, peft_magnitude_key, peft_saved_key
 
 
 def bias_parameters(model, config: LoraConfig) -> list[tuple[str, torch.nn.Parameter]]:
@@ -34,6 +34,8 @@ def adapter_tensors(model, name: str) -> dict[str, torch.Tensor]:
             out[key_a], out[key_b] = adapter.lora_A[: adapter.r], adapter.lora_B[:, : adapter.r]
             if adapter.dora:
                 out[peft_magnitude_key(module.path)] = adapter.magnitude
+        elif isinstance(module, IA3Layer) and name in module.adapters:
+            out[peft_ia3_key(module.path)] = module.adapters[name].ia3_l
         elif isinstance(module, SavedTensor) and name in module.copies:
             out[peft_saved_key(module.path)] = module.copies[name]
     for pname, p in bias_parameters(model, model.peft_config[name]):
@@ -46,6 +48,10 @@ def expected_shapes(model, config: LoraConfig) -> dict[str, tuple[int, ...]]:
     graph = model.graphs.any()
     out: dict[str, tuple[int, ...]] = {}
     for t in match(graph, config).targets:
+        if config.peft_type == "IA3":
+            ff = config.is_feedforward(t.path, graph.meta["surgeon"].model_type)
+            out[peft_ia3_key(t.path)] = (1, t.in_features) if ff else (t.out_features, 1)
+            continue
         key_a, key_b = peft_keys(t.path, t.kind)
         out[key_a], out[key_b] = (t.r, t.in_features), (t.out_features, t.r)
         if config.use_dora:
@@ -70,7 +76,8 @@ def config_to_save(model, name: str) -> LoraConfig:
     changes: dict[str, Any] = {"inference_mode": True}
     if config.base_model_name_or_path is None:
         changes["base_model_name_or_path"] = getattr(model.base.config, "_name_or_path", None) or None
-    if any(layer.kind == "conv1d" and name in layer.adapters for layer in model.adapter_state.lora_layers()):
+    layers = model.adapter_state.lora_layers() + model.adapter_state.ia3_layers()
+    if any(layer.kind == "conv1d" and name in layer.adapters for layer in layers):
         changes["fan_in_fan_out"] = True  # what PEFT records for GPT-2's Conv1D
     return config.replace(**changes)
 
@@ -88,6 +95,9 @@ def save_adapters(model, directory: str, names: list[str]) -> None:
 def load_adapter_dir(model, directory: str, name: str, *, trainable: bool, hotswap: bool) -> None:
     config, tensors = read_adapter_dir(directory)
     if hotswap:
+        if config.peft_type != "LORA":
+            raise AdapterError(f"{directory}: hotswap is for LoRA adapters (as in PEFT); this one is "
+                               f"{config.peft_type}: load it under a new adapter_name instead")
         swap_in(model, directory, name, config, tensors)
         return
     if name in model.peft_config:

@@ -14,7 +14,7 @@ from torch import nn
 
 from surgeon.compat import is_conv1d
 from surgeon.config import LoraConfig
-from surgeon.errors import AdapterError
+from surgeon.errors import AdapterError, FoldError
 from surgeon.passes.merge_kernel import factors_of, write_merged
 from surgeon.quant import dequantize, is_quantized
 
@@ -24,6 +24,8 @@ def merge(model, names: tuple[str, ...], safe_merge: bool) -> None:
         model.adapter_state.known(name)
     dequantize_base(model)
     shared = shared_names(model.base)  # one walk for tied weights, not one per layer
+    if model.adapter_state.ia3_layers():
+        return merge_ia3(model, names, safe_merge, shared)
     plan = []
     for layer in model.adapter_state.lora_layers():
         todo = tuple(n for n in names if n in layer.adapters and n not in layer.merged)
@@ -50,10 +52,47 @@ def merge(model, names: tuple[str, ...], safe_merge: bool) -> None:
             raise
 
 
+def ia3_axis(layer, vector: torch.Tensor) -> torch.Tensor:
+    """An (IA)^3 vector shaped to scale the base weight: outputs (rows of Linear's [out, in], columns of Conv1D's
+    [in, out]) or, feed-forward, inputs."""
+    along_rows = (layer.kind == "linear") != layer.feedforward
+    return vector.reshape(-1, 1) if along_rows else vector.reshape(1, -1)
+
+
+def merge_ia3(model, names: tuple[str, ...], safe_merge: bool, shared: set[str]) -> None:
+    """PEFT's IA3 merge: the weight times the vector (and an output site's bias too), each adapter in turn."""
+    plan = []
+    for layer in model.adapter_state.ia3_layers():
+        for name in (n for n in names if n in layer.adapters and n not in layer.merged):
+            vector = layer.adapters[name].ia3_l.detach().flatten().float().clone()
+            if safe_merge and not torch.isfinite(vector).all():
+                raise FoldError(f"merging IA3 adapter {name!r} into {layer.path}: its vector holds NaN/Inf")
+            plan.append((layer, name, vector))
+    with torch.no_grad():
+        for layer, name, vector in plan:
+            _scale_base(model, layer, vector, shared)
+            layer.merged += (name,)
+            layer.merged_factors[name] = vector
+
+
+def _scale_base(model, layer, vector: torch.Tensor, shared: set[str], divide: bool = False) -> None:
+    w = own_param(model, f"{layer.path}.weight", shared)
+    factor = ia3_axis(layer, vector).to(w.device)
+    w.data.copy_((w.data.float() / factor if divide else w.data.float() * factor).to(w.dtype))
+    bias = getattr(model.base.get_submodule(layer.path), "bias", None)
+    if bias is not None and not layer.feedforward:
+        b = vector.to(bias.device)
+        bias.data.copy_((bias.data.float() / b if divide else bias.data.float() * b).to(bias.dtype))
+
+
 def unmerge(model) -> None:
     """Subtract what each merge added (its recorded factors) from the base weights."""
     shared = shared_names(model.base)
     with torch.no_grad():
+        for layer in model.adapter_state.ia3_layers():
+            for name in reversed(layer.merged):  # divide by exactly what each merge multiplied by
+                _scale_base(model, layer, layer.merged_factors.pop(name), shared, divide=True)
+            layer.merged = ()
         for layer in model.adapter_state.lora_layers():
             if layer.merged:
                 w = own_param(model, f"{layer.path}.weight", shared)
@@ -126,6 +165,8 @@ def weighted_adapter(model, adapters: list[str], weights: list[float], combinati
         raise AdapterError(f"add_weighted_adapter: {len(adapters)} adapters but {len(weights)} weights")
     for name in adapters:
         model.adapter_state.known(name)
+    if any(model.peft_config[n].peft_type != "LORA" for n in adapters):
+        raise AdapterError("add_weighted_adapter combines LoRA adapters; these are IA3: merge them one at a time")
     dora = [n for n in adapters if model.peft_config[n].use_dora]
     if dora:
         raise AdapterError(f"add_weighted_adapter: {dora} are DoRA adapters, whose change depends on the weight's norm "

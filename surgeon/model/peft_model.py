@@ -20,6 +20,7 @@ from surgeon.adapters import check_ranks, check_tensors, read_adapter_dir
 from surgeon.capturing import CacheLayout, signature_of
 from surgeon.compat import check_kwargs, forward_keywords, params_of, refuse_peft_load_flags, refuse_value
 from surgeon.config import LoraConfig
+from surgeon.ia3_config import IA3Config
 from surgeon.errors import AdapterError, UnknownArgumentError
 from surgeon.model import files, merging
 from surgeon.model.adapter_state import AdapterState
@@ -319,9 +320,10 @@ def get_peft_model(model: nn.Module, peft_config: LoraConfig, adapter_name: str 
     refuse_value("get_peft_model", "mixed", mixed, [False], "surgeon has no PeftMixedModel; add adapters of one method")
     refuse_value("get_peft_model", "revision", revision, [None], "surgeon loads nothing from a hub")
     refuse_peft_load_flags("get_peft_model", autocast_adapter_dtype, low_cpu_mem_usage)
-    if not isinstance(peft_config, LoraConfig):
-        raise AdapterError(f"get_peft_model takes a surgeon.LoraConfig, got {type(peft_config).__name__}; "
-                           "build one with surgeon.LoraConfig(...) (same fields as peft.LoraConfig)")
+    if not isinstance(peft_config, (LoraConfig, IA3Config)):
+        raise AdapterError(f"get_peft_model takes a surgeon.LoraConfig or surgeon.IA3Config, got "
+                           f"{type(peft_config).__name__}; build one with surgeon.LoraConfig(...) (same fields as "
+                           "peft.LoraConfig)")
     peft_model = SurgeonModel(model, peft_config, adapter_name)
     peft_model.compile_graphs = bool(compile)
     return peft_model

@@ -88,6 +88,10 @@ def export_onnx(model, out_dir: str | os.PathLike, adapters: list[str] | None = 
         raise AdapterError("--merged and --bank exclude each other: a bank keeps every adapter switchable per row")
     if merged and len(names) != 1:
         raise AdapterError(f"--merged folds exactly one adapter; got {len(names)} ({', '.join(names)})")
+    ia3 = [rename.get(n, n) for n in names if model.peft_config[n].peft_type == "IA3"]
+    if ia3 and (bank or int4) and not merged:
+        raise AdapterError(f"{'--bank' if bank else '--int4'} with IA3 adapters ({', '.join(ia3)}) is not supported "
+                           "yet: export them without it (each switches per run), or --merged")
     dora = [rename.get(n, n) for n in names if model.peft_config[n].use_dora]
     if dora and bank:
         raise AdapterError(f"--bank with DoRA adapters ({', '.join(dora)}) is not supported yet: export them without "
@@ -207,7 +211,10 @@ def _to_onnx(graph, call: dict[str, Any], feed: InputFeed | None, past: list | N
     slots = Dim("adapter_slots")
     for i, lo in enumerate(loras):
         rank = Dim(f"lora_r_{i}")
-        if bank:
+        if lo.ia3:  # one vector, default ones
+            args.append(torch.ones(lo.ia3_size))
+            shapes.append({})
+        elif bank:
             args += [torch.zeros(2, lo.in_features, 2), torch.zeros(2, 2, lo.out_features)]
             shapes += [{0: slots, 2: rank}, {0: slots, 1: rank}]
         else:

@@ -49,7 +49,8 @@ def check_manifest(manifest: object, out_dir: Path) -> None:
             raise ExportFileError(f"{where}: adapters[{name!r}] needs a 'file' string; re-export")
         export_path(out_dir, entry["file"], f"{where}: adapters[{name!r}].file")
     for i, entry in enumerate(_field(manifest, "lora_inputs", list, where, required=False) or []):
-        if not (isinstance(entry, dict) and all(isinstance(entry.get(k), str) for k in ("path", "a", "b"))
+        names = ("path", "ia3") if isinstance(entry, dict) and "ia3" in entry else ("path", "a", "b")
+        if not (isinstance(entry, dict) and all(isinstance(entry.get(k), str) for k in names)
                 and all(isinstance(entry.get(k), int) and entry[k] > 0 for k in ("in", "out"))):
             raise ExportFileError(f"{where}: lora_inputs[{i}] needs path/a/b names and positive in/out sizes; re-export")
     for rel in _field(manifest, "files", dict, where, required=False) or {}:

@@ -154,7 +154,7 @@ class AdapterSession:
                 bad.append(f"{key}: {list(shape)} vs model {list(want)}")
                 continue
             module, part = parse_onnx_input(key)
-            if part == "G":  # DoRA's factor [out]: its shape is fixed, checked above
+            if part in ("G", "L"):  # DoRA's factor, an (IA)^3 vector: fixed shapes, checked above
                 continue
             ranks.setdefault(module, {})[part] = shape[-1] if part == "A" else shape[-2]  # a bank's lead with slots
         bad += [f"{m}: rank {r.get('A')} in lora_A but {r.get('B')} in lora_B"

@@ -50,6 +50,10 @@ def save_model(program, path: Path, loras: tuple[LoraInput, ...], base, kv_layer
         _name_cache_dims(proto, kv_layers)
     slot = [1] if bank else []
     for lo in loras:
+        if lo.ia3:  # ones: the base weight as it is
+            proto.graph.initializer.append(helper.make_tensor(lo.names[0], TensorProto.FLOAT, [lo.ia3_size],
+                                                              [1.0] * lo.ia3_size))
+            continue
         name_a, name_b = onnx_input_names(lo.path)
         proto.graph.initializer.append(helper.make_tensor(name_a, TensorProto.FLOAT, slot + [lo.in_features, 0], []))
         proto.graph.initializer.append(helper.make_tensor(name_b, TensorProto.FLOAT, slot + [0, lo.out_features], []))
@@ -146,7 +150,7 @@ def write_adapters(model, names: list[str], loras: tuple[LoraInput, ...], out: P
 
     For a bank graph each file is a one-slot bank (A [1, in, r], B [1, r, out]): active alone, every row runs it."""
     (out / ADAPTER_DIR).mkdir(parents=True, exist_ok=True)
-    layers = {layer.path: layer for layer in model.adapter_state.lora_layers()}
+    layers = {layer.path: layer for layer in model.adapter_state.lora_layers() + model.adapter_state.ia3_layers()}
     written = {}
     for name in names:
         params, targets, ranks = {}, [], set()
@@ -154,6 +158,10 @@ def write_adapters(model, names: list[str], loras: tuple[LoraInput, ...], out: P
             layer = layers[lo.path]
             if name not in layer.adapters:
                 continue  # that module keeps its rank-0 default: no change there
+            if lo.ia3:
+                params[lo.names[0]] = adapter_tensors(layer, name)[0].numpy()
+                targets.append(lo.path)
+                continue
             a, b, *g = adapter_tensors(layer, name, _base_weight(model, lo))
             if bank:
                 a, b = a.unsqueeze(0), b.unsqueeze(0)
@@ -197,6 +205,15 @@ def generation_facts(base, layout) -> dict[str, Any]:
             "hidden_size": getattr(config, "hidden_size", None)}
 
 
+def _input_entry(lo: LoraInput) -> dict:
+    """The manifest's record of one adapted module's inputs."""
+    entry = {"path": lo.path, "kind": lo.kind, "in": lo.in_features, "out": lo.out_features}
+    if lo.ia3:
+        return {**entry, "ia3": lo.names[0], "scales": lo.ia3}
+    return {**entry, "a": onnx_input_names(lo.path)[0], "b": onnx_input_names(lo.path)[1],
+            **({"dora": onnx_dora_name(lo.path)} if lo.dora else {})}
+
+
 def _describe(values) -> list[dict]:
     out = []
     for v in values:
@@ -218,9 +235,7 @@ def write_manifest(directory: Path, model, loras, adapters: dict, *, merged: str
                    "model_type": getattr(model.base.config, "model_type", None)},
         "inputs": [v for v in _describe(proto.graph.input) if v["name"] not in lora_names],
         "outputs": _describe(proto.graph.output),
-        "lora_inputs": [{"path": lo.path, "kind": lo.kind, "in": lo.in_features, "out": lo.out_features,
-                         "a": onnx_input_names(lo.path)[0], "b": onnx_input_names(lo.path)[1],
-                         **({"dora": onnx_dora_name(lo.path)} if lo.dora else {})} for lo in loras],
+        "lora_inputs": [_input_entry(lo) for lo in loras],
         "adapters": adapters,
         "merged_adapter": merged,
         "kv_cache": kv_cache,

@@ -21,7 +21,7 @@ from torch import fx, nn
 
 from surgeon.errors import FoldError
 from surgeon.graphs import copy_graph, fetch_attr, graphs_of, node_named, recompile_all, set_nested, subgraph
-from surgeon.layers import LoraLayer, SavedTensor
+from surgeon.layers import IA3Layer, LoraLayer, SavedTensor
 from surgeon.matching import SITE_OPS, branch_args
 from surgeon.names import FOLDED_ROOT, LORA_ROOT, folded_attr, folded_saved_attr, layer_attr, restored_attr
 from surgeon.passes.merge_kernel import Factors, factors_of, write_merged
@@ -63,6 +63,8 @@ def fold(gm: fx.GraphModule) -> fx.GraphModule:
             module = sub.get_submodule(node.target) if node.op == "call_module" else None
             if isinstance(module, LoraLayer):
                 folded.append(_fold_site(sub, gpath, node, tied_warned))
+            elif isinstance(module, IA3Layer):
+                folded.append(_fold_ia3_site(sub, gpath, node))
             elif isinstance(module, SavedTensor):
                 _freeze_saved(sub, node)
     recompile_all(new)
@@ -96,6 +98,36 @@ def _fold_site(sub: fx.GraphModule, gpath: str, branch: fx.Node, tied_warned: se
     return FoldedSite(gpath, site.name, layer, w_node.target, weight, weight._version, factors)
 
 
+def _fold_ia3_site(sub: fx.GraphModule, gpath: str, node: fx.Node) -> FoldedSite:
+    """``W * l`` (and an output site's ``b * l``) in new tensors; the scaling node goes."""
+    layer: IA3Layer = sub.get_submodule(node.target)
+    site = next(iter(node.users)) if layer.feedforward else node.args[1]
+    w_node = site.args[SITE_OPS[site.target][1]]
+    weight = fetch_attr(sub, w_node.target)
+    vector = layer.scaling() if layer.enabled else None
+    if vector is not None:
+        factor = vector.detach().float().reshape((-1, 1) if (layer.kind == "linear") != layer.feedforward else (1, -1))
+        attr = folded_attr(layer.path, site.name)
+        set_nested(sub, attr, nn.Parameter((weight.detach().float() * factor).to(weight.dtype), requires_grad=False))
+        with sub.graph.inserting_before(site):
+            site.replace_input_with(w_node, sub.graph.get_attr(attr))
+        b_index = {"linear": 2, "conv1d": 0}[layer.kind]
+        bias = site.args[b_index] if len(site.args) > b_index and not layer.feedforward else None
+        if isinstance(bias, fx.Node):
+            b = fetch_attr(sub, bias.target)
+            battr = folded_attr(layer.path, site.name + "_bias")
+            set_nested(sub, battr, nn.Parameter((b.detach().float() * vector.detach().float()).to(b.dtype),
+                                                requires_grad=False))
+            with sub.graph.inserting_before(site):
+                site.replace_input_with(bias, sub.graph.get_attr(battr))
+    if layer.feedforward:
+        site.replace_input_with(node, node.args[0])
+    else:
+        node.replace_all_uses_with(site)
+    sub.graph.erase_node(node)
+    return FoldedSite(gpath, site.name, layer, w_node.target, weight, weight._version, ())
+
+
 def _freeze_saved(sub: fx.GraphModule, node: fx.Node) -> None:
     saved: SavedTensor = sub.get_submodule(node.target)
     attr = folded_saved_attr(saved.path)
@@ -110,6 +142,9 @@ def unfold(gm: fx.GraphModule) -> fx.GraphModule:
     """A new graph with the branches back and each folded weight replaced by the one it came from."""
     new = copy_graph(gm)
     for record in gm.meta.get(META_KEY, ()):
+        if isinstance(record.layer, IA3Layer):
+            raise FoldError(f"unfold: {record.layer.path} holds a folded IA3 adapter; unfold covers LoRA folds. Keep "
+                            "the graph you folded (fold leaves its input as it was)")
         sub = subgraph(new, record.graph_path)
         site = node_named(sub, record.node)
         w_node = site.args[SITE_OPS[site.target][1]]

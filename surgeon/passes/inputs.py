@@ -17,9 +17,9 @@ import torch
 from torch import fx, nn
 from torch.nn import functional as F
 
-from surgeon.layers import LoraLayer
+from surgeon.layers import IA3Layer, LoraLayer
 from surgeon.graphs import copy_graph
-from surgeon.names import onnx_dora_name, onnx_input_names
+from surgeon.names import onnx_dora_name, onnx_ia3_name, onnx_input_names
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,11 +29,18 @@ class LoraInput:
     in_features: int
     out_features: int
     dora: bool = False
+    ia3: str | None = None  # an (IA)^3 site: "input" (feed-forward) or "output", which its vector scales
 
     @property
     def names(self) -> tuple[str, ...]:
-        """Its graph inputs: A, B, and DoRA's g."""
+        """Its graph inputs: A, B, and DoRA's g; or the (IA)^3 vector."""
+        if self.ia3:
+            return (onnx_ia3_name(self.path),)
         return onnx_input_names(self.path) + ((onnx_dora_name(self.path),) if self.dora else ())
+
+    @property
+    def ia3_size(self) -> int:
+        return self.in_features if self.ia3 == "input" else self.out_features
 
 
 class InputFeed:
@@ -77,6 +84,20 @@ class InputLora(nn.Module):
         return (x.to(a.dtype).reshape(rows, -1, x.shape[-1]) @ a.index_select(0, ids)) @ b_rows
 
 
+class InputIA3(nn.Module):
+    """An (IA)^3 site fed its vector ``l`` (flat) by the export wrapper: ``x * l`` (feed-forward) or ``y * l``."""
+
+    def __init__(self, path: str, feedforward: bool, feed: InputFeed):
+        super().__init__()
+        self.path, self.feedforward, self.feed = path, feedforward, feed
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        (vector,) = self.feed.tensors[self.path]
+        if self.feedforward:
+            return (x.to(vector.dtype) * vector).to(x.dtype)
+        return (y * vector).to(y.dtype)
+
+
 def lora_as_inputs(gm: fx.GraphModule, feed: InputFeed) -> tuple[fx.GraphModule, tuple[LoraInput, ...]]:
     """A new graph whose LoRA layers read (A, B) from ``feed``; and the inputs it needs, sorted by path."""
     new = copy_graph(gm)
@@ -87,14 +108,21 @@ def lora_as_inputs(gm: fx.GraphModule, feed: InputFeed) -> tuple[fx.GraphModule,
             setattr(new.get_submodule(parent) if parent else new, leaf, InputLora(module.path, module.kind, feed))
             found[module.path] = LoraInput(module.path, module.kind, module.in_features, module.out_features,
                                            module.dora)
+        elif isinstance(module, IA3Layer):
+            parent, _, leaf = name.rpartition(".")
+            setattr(new.get_submodule(parent) if parent else new, leaf, InputIA3(module.path, module.feedforward, feed))
+            found[module.path] = LoraInput(module.path, module.kind, module.in_features, module.out_features,
+                                           ia3="input" if module.feedforward else "output")
     new.recompile()
     return new, tuple(found[p] for p in sorted(found))
 
 
 def adapter_tensors(layer: LoraLayer, adapter_name: str, weight: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
     """``(A [in, r], B [r, out] * scale)`` of one adapter: the layout the ONNX inputs take; a DoRA adapter also
-    ``g = magnitude / ||W + scale * B @ A||`` [out] against the site's base ``weight``."""
+    ``g = magnitude / ||W + scale * B @ A||`` [out] against the site's base ``weight``; (IA)^3: ``(l,)`` flat."""
     adapter = layer.adapters[adapter_name]
+    if isinstance(layer, IA3Layer):
+        return (adapter.ia3_l.detach().float().flatten().contiguous(),)
     a = adapter.lora_A[: adapter.r].detach().t().contiguous()
     b = (adapter.lora_B[:, : adapter.r].detach().t() * adapter.scaling).contiguous()
     if not adapter.dora:

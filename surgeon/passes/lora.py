@@ -21,7 +21,8 @@ from torch import fx, nn
 from surgeon.config import LoraConfig
 from surgeon.errors import AdapterError, QuantizationError
 from surgeon.graphs import copy_graph, existing, fetch_attr, graphs_of, module_path_of, node_named, subgraph
-from surgeon.layers import LoraAdapter, LoraLayer, SavedTensor
+from surgeon.ia3_config import IA3Config
+from surgeon.layers import IA3Layer, IA3Vector, LoraAdapter, LoraLayer, SavedTensor
 from surgeon.matching import SITE_OPS, Match, Target, branch_args, match
 from surgeon.names import layer_attr, saved_attr
 
@@ -47,17 +48,20 @@ def new_adapter_modules(gm: fx.GraphModule, found: Match, config: LoraConfig, ad
     """
     into = dict(into or {})
     out: dict[str, nn.Module] = {}
+    ia3 = isinstance(config, IA3Config)
     for target in found.targets:
         attr = layer_attr(target.path)
         layer = into.get(attr)
         if layer is None:
             held = existing(gm, attr)
-            layer = held.shallow_copy() if held is not None else LoraLayer(
-                target.path, target.kind, target.in_features, target.out_features)
+            layer = held.shallow_copy() if held is not None else _new_layer(gm, target, config)
         if adapter_name in layer.adapters:
             raise AdapterError(f"adapter {adapter_name!r} already exists at {target.path}; pick another name or delete "
                                "it first")
-        add_adapter(layer, target, config, adapter_name, _site_weight(gm, target))
+        if ia3:
+            add_ia3(layer, target, config, adapter_name, _site_weight(gm, target))
+        else:
+            add_adapter(layer, target, config, adapter_name, _site_weight(gm, target))
         out[attr] = layer
     for key, original in saved_parameters(gm, found):
         attr = saved_attr(key)
@@ -70,6 +74,27 @@ def new_adapter_modules(gm: fx.GraphModule, found: Match, config: LoraConfig, ad
         saved.active = saved.active or (adapter_name,)
         out[attr] = saved
     return out
+
+
+def _new_layer(gm: fx.GraphModule, target: Target, config) -> nn.Module:
+    if not isinstance(config, IA3Config):
+        return LoraLayer(target.path, target.kind, target.in_features, target.out_features)
+    if target.kind == "embedding":
+        raise AdapterError(f"IA3: {target.path} is an embedding; (IA)^3 scales linear layers only. Leave it out of "
+                           "target_modules")
+    return IA3Layer(target.path, target.kind, target.in_features, target.out_features,
+                    config.is_feedforward(target.path, gm.meta["surgeon"].model_type))
+
+
+def add_ia3(layer: IA3Layer, target: Target, config: IA3Config, name: str, weight: torch.Tensor) -> None:
+    """Give ``layer`` a fresh (IA)^3 vector ``name`` (ones, or random with ``init_ia3_weights=False``)."""
+    if not weight.is_floating_point():
+        raise QuantizationError(f"IA3: {target.path} is a quantized (packed {weight.dtype}) linear; load the base in "
+                                "float for IA3, or use LoRA (QLoRA) on a 4/8-bit base")
+    size = target.in_features if layer.feedforward else target.out_features
+    layer.adapters[name] = IA3Vector(size, layer.feedforward, config.init_ia3_weights, dtype=_adapter_dtype(weight),
+                                     device=weight.device)
+    layer.active = layer.active or (name,)
 
 
 def add_adapter(layer: LoraLayer, target: Target, config: LoraConfig, name: str, weight: torch.Tensor) -> None:
@@ -102,8 +127,9 @@ def attach(gm: fx.GraphModule, found: Match, modules: Mapping[str, nn.Module]) -
     added = 0
     for target in found.targets:
         attr = layer_attr(target.path)
+        wrap = _wrap_input if getattr(modules[attr], "feedforward", False) else _wrap_site
         for site in target.sites:
-            added += _wrap_site(subgraph(new, site.graph_path), site.node, attr, modules[attr])
+            added += wrap(subgraph(new, site.graph_path), site.node, attr, modules[attr])
     added += _redirect_saved(new, found, modules)
     for _, sub in graphs_of(new):
         sub.graph.lint()
@@ -143,6 +169,23 @@ def _wrap_site(sub: fx.GraphModule, node_name: str, attr: str, layer: LoraLayer)
         branch = sub.graph.call_module(attr, args)
     branch.meta = {k: v for k, v in node.meta.items() if k in ("nn_module_stack", "stack_trace", "val")}
     node.replace_all_uses_with(branch, delete_user_cb=lambda user: user is not branch)
+    return 1
+
+
+def _wrap_input(sub: fx.GraphModule, node_name: str, attr: str, layer: IA3Layer) -> int:
+    """A feed-forward (IA)^3 site: the linear reads ``call_module(attr, (x,))`` (``x * l``) instead of ``x``."""
+    node = node_named(sub, node_name)
+    index = SITE_OPS[node.target][2]
+    x = node.args[index]
+    if isinstance(x, fx.Node) and x.op == "call_module" and x.target == attr:
+        return 0  # already wrapped
+    if existing(sub, attr) is None:
+        sub.add_submodule(attr, layer)
+    with sub.graph.inserting_before(node):
+        scaled = sub.graph.call_module(attr, (x,))
+    scaled.meta = {k: v for k, v in x.meta.items() if k == "val"} | \
+        {k: v for k, v in node.meta.items() if k in ("nn_module_stack", "stack_trace")}
+    node.update_arg(index, scaled)
     return 1
 
 
@@ -199,6 +242,9 @@ def verify_injected(gm: fx.GraphModule, found: Match, expected_nodes: int) -> No
         attr = layer_attr(target.path)
         for site in target.sites:
             node = node_named(subgraph(gm, site.graph_path), site.node)
+            x = node.args[SITE_OPS[node.target][2]]
+            if isinstance(x, fx.Node) and x.op == "call_module" and x.target == attr:
+                continue  # a feed-forward (IA)^3 site: the scaled input is its branch
             branches = [u for u in node.users if u.op == "call_module" and u.target == attr]
             if len(branches) != 1 or set(node.users) != set(branches):
                 raise RuntimeError(f"inject_lora verifier: {target.path} ({site.node}) has {len(branches)} LoRA branches "

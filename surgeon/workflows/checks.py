@@ -112,7 +112,11 @@ def _structure(out_dir: Path, manifest: dict, report: Report) -> bool:
     missing = []
     slot = [1] if manifest.get("bank") else []  # a bank's defaults are one-slot banks of rank 0
     for lo in manifest.get("lora_inputs", []):
-        if inits.get(lo["a"]) != slot + [lo["in"], 0] or inits.get(lo["b"]) != slot + [0, lo["out"]]:
+        if "ia3" in lo:  # an (IA)^3 vector's default: ones, the base
+            size = lo["in"] if lo.get("scales") == "input" else lo["out"]
+            if inits.get(lo["ia3"]) != [size]:
+                missing.append(lo["path"])
+        elif inits.get(lo["a"]) != slot + [lo["in"], 0] or inits.get(lo["b"]) != slot + [0, lo["out"]]:
             missing.append(lo["path"])
     if slot and inits.get(ADAPTER_IDS) != [1]:
         missing.append(f"{ADAPTER_IDS} (its default [0]: every row the base)")
@@ -145,7 +149,7 @@ def _genai(out_dir: Path, manifest: dict, report: Report) -> None:
 
 
 def _names(out_dir: Path, manifest: dict, session: AdapterSession, report: Report) -> None:
-    declared = {n for lo in manifest.get("lora_inputs", []) for n in (lo["a"], lo["b"])}
+    declared = {lo[k] for lo in manifest.get("lora_inputs", []) for k in ("a", "b", "dora", "ia3") if k in lo}
     absent = sorted(declared - set(session.lora_inputs))
     report.add("manifest_inputs", not absent, "manifest adapter inputs exist in the model" if not absent
                else f"in the manifest but not the model: {', '.join(absent[:5])}")

@@ -13,14 +13,21 @@ from surgeon.names import CONFIG_NAME, WEIGHTS_NAME, parse_peft_key
 def describe_adapter(directory: str) -> str:
     config, tensors = read_adapter_dir(directory)
     pairs: dict[str, dict[str, torch.Tensor]] = {}
-    saved = []
+    saved, vectors = [], {}
     for key, value in tensors.items():
         path, part = parse_peft_key(key)
         if part in ("A", "B", "M"):
             pairs.setdefault(path, {})[part] = value
+        elif part == "L":
+            vectors[path] = value.float()  # [1, in]: scales the input; [out, 1]: the output
         else:
             saved.append((f"{path}.{part}", tuple(value.shape)))
     rows = [("module", "r", "alpha", "scale", "|scale*B@A|")]
+    if vectors:  # (IA)^3: one vector per module; how far it is from ones says how much it changes the base
+        rows = [("module", "scales", "size", "min", "max", "|l - 1|")]
+        rows += [(p, "input" if v.shape[0] == 1 else "output", str(v.numel()), f"{v.min().item():.4g}",
+                  f"{v.max().item():.4g}", f"{torch.linalg.vector_norm(v - 1).item():.4g}")
+                 for p, v in sorted(vectors.items())]
     for path in sorted(pairs):
         a, b = pairs[path]["A"].float(), pairs[path]["B"].float()
         scale = config.scale_for(path)
@@ -34,9 +41,7 @@ def describe_adapter(directory: str) -> str:
     lines = [
         f"adapter: {d}",
         f"base: {config.base_model_name_or_path}   task: {config.task_type.value if config.task_type else None}",
-        f"r={config.r} lora_alpha={config.lora_alpha:g} dropout={config.lora_dropout:g} rslora={config.use_rslora} "
-        f"{'dora=True (lora_magnitude_vector per module) ' if config.use_dora else ''}"
-        f"bias={config.bias} target_modules={_show(config.target_modules)}",
+        _settings(config),
         "",
         table,
     ]
@@ -45,6 +50,15 @@ def describe_adapter(directory: str) -> str:
     lines += ["", f"{WEIGHTS_NAME}: {size:,d} bytes, {n_params:,d} parameters; {CONFIG_NAME}: "
               f"{(d / CONFIG_NAME).stat().st_size:,d} bytes"]
     return "\n".join(lines)
+
+
+def _settings(config) -> str:
+    if config.peft_type == "IA3":
+        return (f"IA3 target_modules={_show(config.target_modules)} feedforward_modules="
+                f"{_show(config.feedforward_modules)} init_ia3_weights={config.init_ia3_weights}")
+    return (f"r={config.r} lora_alpha={config.lora_alpha:g} dropout={config.lora_dropout:g} rslora={config.use_rslora} "
+            f"{'dora=True (lora_magnitude_vector per module) ' if config.use_dora else ''}"
+            f"bias={config.bias} target_modules={_show(config.target_modules)}")
 
 
 def _show(value) -> str:

@@ -5,10 +5,11 @@ The adapter methods beyond plain LoRA against PEFT, CPU, fp32: for each method (
 each tool in its own subprocess, with peak RSS and the step's peak live tensors; then ONNX Runtime (``--ort``):
 the switchable KV-cache export with the adapter active against the merged export (prefill 1 x 128 and batch-1
 decode of 64 new tokens after a 32-token prompt, median of ``--runs``). Goals: step <= 1.0x PEFT; DoRA's switchable
-ORT run <= 1.15x the merged one.
+ORT run <= 1.15x the merged one (the same bound is printed for IA3).
 
 Model: ``gpt2`` (GPT2Config defaults, 124.4M, random-init, seeded) with r=8 alpha=16 on c_attn (bench_train.py's
-workload), B nonzero so the adapter's work is real. Options: ``--models gpt2``, ``--methods dora``, ``--steps 5``,
+workload), B nonzero so the adapter's work is real; IA3 with PEFT's GPT-2 defaults. Options: ``--models gpt2``,
+``--methods dora,ia3``, ``--steps 5``,
 ``--warmup 2``, ``--runs 3``, ``--threads 2``, ``--json PATH``, ``--quick``.
 """
 
@@ -25,12 +26,16 @@ import harness as h
 
 BATCH, SEQ = 4, 128
 PROMPT, NEW, PREFILL = 32, 64, 128
-METHODS = {"dora": {"use_dora": True}}
+METHODS = {"dora": {"use_dora": True}, "ia3": {}}
 GOALS = {"step": 1.0, "ort": 1.15}
 
 
-def config_kwargs(method: str, model: str) -> dict:
-    return {**h.lora_kwargs(model), **METHODS[method], "task_type": "CAUSAL_LM"}
+def make_config(lib, method: str, model: str):
+    """The same config in either tool: DoRA on bench_train's LoRA workload; IA3 with PEFT's defaults for the
+    architecture (GPT-2: c_attn on the output, mlp.c_proj on the input)."""
+    if method == "ia3":
+        return lib.IA3Config(task_type="CAUSAL_LM")
+    return lib.LoraConfig(**{**h.lora_kwargs(model), **METHODS[method], "task_type": "CAUSAL_LM"})
 
 
 def train_worker(args) -> int:
@@ -43,8 +48,7 @@ def train_worker(args) -> int:
     label = f"[{args.tool} {args.method} {args.model}]"
     base = h.build_base(args.model, args.quick)
     torch.manual_seed(h.SEED + 3)
-    model, inject_s = h.timed(lambda: lib.get_peft_model(base, lib.LoraConfig(**config_kwargs(args.method,
-                                                                                             args.model))))
+    model, inject_s = h.timed(lambda: lib.get_peft_model(base, make_config(lib, args.method, args.model)))
     batch, seq = (2, 16) if args.quick else (BATCH, SEQ)
     data = h.make_batch(base.config.vocab_size, batch, seq)
     h.reset_peak()
@@ -71,12 +75,11 @@ def ort_worker(args) -> int:
     root = Path(args.dir)
     base = h.build_base(args.model, args.quick).eval()
     torch.manual_seed(h.SEED + 3)
-    model = surgeon.get_peft_model(base, surgeon.LoraConfig(**config_kwargs(args.method, args.model))).eval()
-    with torch.no_grad():  # a trained-looking magnitude: the norm's ratio away from 1
-        for layer in model.adapter_state.lora_layers():
-            for adapter in layer.adapters.values():
-                if adapter.dora:
-                    adapter.magnitude.mul_(torch.empty_like(adapter.magnitude).uniform_(0.8, 1.2))
+    model = surgeon.get_peft_model(base, make_config(surgeon, args.method, args.model)).eval()
+    with torch.no_grad():  # trained-looking values: DoRA's magnitude off the norm, IA3's vectors off ones
+        for p in model.parameters():
+            if p.requires_grad:
+                p.mul_(torch.empty_like(p).uniform_(0.8, 1.2))
     for key, merged in (("switchable", False), ("merged", True)):
         _, seconds = h.timed(lambda: export_onnx(model, root / key, ["default"], merged=merged, kv_cache=True))  # noqa: B023
         h.progress(f"[export {args.method}] {key} {seconds:.1f} s")
