@@ -21,6 +21,7 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "LoraConfig": "surgeon.config", "TaskType": "surgeon.config", "IA3Config": "surgeon.ia3_config",
+    "PromptTuningConfig": "surgeon.prompt_config",
     "capture": "surgeon.capturing", "match": "surgeon.matching",
     "inject_lora": "surgeon.passes.lora", "fold": "surgeon.passes.fold", "unfold": "surgeon.passes.fold",
     "SurgeonModel": "surgeon.model", "get_peft_model": "surgeon.model",

@@ -154,8 +154,8 @@ class LoraConfig:
         """Read PEFT's JSON. Unsupported features are errors; unknown keys are warned about by name."""
         if data.get("peft_type") != "LORA":
             raise ConfigError(
-                f"{source}: peft_type={data.get('peft_type')!r}; surgeon reads LoRA and IA3 adapters (peft_type \"LORA\" "
-                "or \"IA3\")"
+                f"{source}: peft_type={data.get('peft_type')!r}; surgeon reads LoRA, IA3 and prompt-tuning adapters "
+                "(peft_type \"LORA\", \"IA3\" or \"PROMPT_TUNING\")"
             )
         names = {f.name for f in dataclasses.fields(cls)}
         kwargs, unsupported, unknown = {}, [], []

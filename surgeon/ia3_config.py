@@ -17,6 +17,7 @@ from typing import Any
 from surgeon.compat import check_kwargs
 from surgeon.config import _IGNORED, LoraConfig, TaskType, _tupled
 from surgeon.errors import ConfigError
+from surgeon.prompt_config import PromptTuningConfig
 
 # What PEFT targets for IA3 when target_modules / feedforward_modules are None (PEFT's per-architecture facts).
 IA3_DEFAULT_TARGETS = {
@@ -109,14 +110,15 @@ class IA3Config:
 
 
 def config_from_peft_dict(data: Mapping[str, Any], *, source: str = "adapter_config.json"):
-    """A ``LoraConfig`` or ``IA3Config`` from PEFT's JSON, by its ``peft_type``."""
-    if data.get("peft_type") != "IA3":
+    """A ``LoraConfig``, ``IA3Config`` or ``PromptTuningConfig`` from PEFT's JSON, by its ``peft_type``."""
+    kind = {"IA3": IA3Config, "PROMPT_TUNING": PromptTuningConfig}.get(data.get("peft_type"))
+    if kind is None:
         return LoraConfig.from_peft_dict(data, source=source)
-    names = {f.name for f in dataclasses.fields(IA3Config)}
+    names = {f.name for f in dataclasses.fields(kind)}
     unknown = sorted(set(data) - names - _IGNORED)
     if unknown:
         warnings.warn(f"{source}: ignoring keys surgeon does not know: {', '.join(unknown)}", stacklevel=2)
     try:
-        return IA3Config(**{k: v for k, v in data.items() if k in names})
+        return kind(**{k: v for k, v in data.items() if k in names})
     except (ConfigError, ValueError) as err:
         raise ConfigError(f"{source}: {err}") from None

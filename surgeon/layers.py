@@ -294,3 +294,21 @@ class IA3Layer(nn.Module):
     def extra_repr(self) -> str:
         where = "input" if self.feedforward else "output"
         return f"{self.path}: (IA)^3 on the {where}, {self.kind} {self.in_features}->{self.out_features}"
+
+
+class PromptEmbeddings(nn.Module):
+    """Every prompt-tuning adapter of a model: ``adapters[name]`` holds its virtual tokens' embeddings [n, dim]
+    (PEFT's ``prompt_embeddings``), put in front of the input's embeddings while that adapter is active."""
+
+    def __init__(self):
+        super().__init__()
+        self.adapters = nn.ParameterDict()
+        self.active: tuple[str, ...] = ()
+        self.enabled = True
+        self.path = "prompt_embeddings"
+
+    def prompt(self) -> torch.Tensor | None:
+        """The active adapter's embeddings, or None (disabled, or no prompt adapter active)."""
+        if not self.enabled:
+            return None
+        return next((self.adapters[n] for n in self.active if n in self.adapters), None)

@@ -44,6 +44,10 @@ def restored_attr(path: str, site: str) -> str:
     return f"{FOLDED_ROOT}.restored.{_mangle(path)}.{site}"
 
 
+PROMPT_ATTR = "surgeon_prompt"  # the PromptEmbeddings module of a prompt-tuned model
+PROMPT_KEY = "prompt_embeddings"  # PEFT's key for prompt tuning's [num_virtual_tokens, token_dim]
+
+
 def dropout_attr(index: int) -> str:
     return f"{DROPOUT_PREFIX}{index}"
 

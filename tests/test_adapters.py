@@ -242,8 +242,8 @@ def test_missing_directory_and_files(tmp_path, good_dir):
 def test_bad_json_and_peft_type(tmp_path, good_dir):
     _unchanged_base_loads(_edit(good_dir, tmp_path / "j", config="{not json"), AdapterFileError, "not valid JSON")
     _unchanged_base_loads(_edit(good_dir, tmp_path / "t", config='{"r": 8}'), AdapterFileError, "peft_type")
-    _unchanged_base_loads(_edit(good_dir, tmp_path / "p", config='{"peft_type": "PROMPT_TUNING"}'), ConfigError,
-                          "LoRA and IA3 adapters")
+    _unchanged_base_loads(_edit(good_dir, tmp_path / "p", config='{"peft_type": "PREFIX_TUNING"}'), ConfigError,
+                          "LoRA, IA3 and prompt-tuning adapters")
 
 
 def test_truncated_safetensors(tmp_path, good_dir):

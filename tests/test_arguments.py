@@ -50,6 +50,7 @@ def _calls(model, adapter_dir):
         "AutoPeftModel.from_pretrained": lambda: surgeon.AutoPeftModelForCausalLM.from_pretrained(adapter_dir, torch_dtype="auto"),
         "LoraConfig.replace": lambda: lora().replace(lora_alpah=3),
         "IA3Config.replace": lambda: surgeon.IA3Config().replace(feedforward_module=["c_proj"]),
+        "PromptTuningConfig.replace": lambda: surgeon.PromptTuningConfig(num_virtual_tokens=2).replace(num_virtual=3),
         "SurgeonModel.forward": lambda: model(input_ids=ids(), attention_mak=torch.ones(2, 5)),
     }
 
@@ -61,6 +62,7 @@ MISSPELT = {"get_peft_model": ("adaptor_name", "adapter_name"),
             "AutoPeftModel.from_pretrained": ("torch_dtype", None),
             "LoraConfig.replace": ("lora_alpah", "lora_alpha"),
             "IA3Config.replace": ("feedforward_module", "feedforward_modules"),
+            "PromptTuningConfig.replace": ("num_virtual", "num_virtual_tokens"),
             "SurgeonModel.forward": ("attention_mak", "attention_mask")}
 
 # Entry points with **kwargs that hand every keyword to something that checks it (tested below).

@@ -59,8 +59,8 @@ def test_unsupported_peft_features_are_errors():
     with pytest.raises(ConfigError, match="use_qalora=True"):
         LoraConfig.from_peft_dict({"peft_type": "LORA", "use_qalora": True})
     assert LoraConfig.from_peft_dict({"peft_type": "LORA", "use_dora": True}).use_dora  # DoRA is supported
-    with pytest.raises(ConfigError, match="LoRA and IA3 adapters"):
-        LoraConfig.from_peft_dict({"peft_type": "PROMPT_TUNING"})
+    with pytest.raises(ConfigError, match="LoRA, IA3 and prompt-tuning adapters"):
+        LoraConfig.from_peft_dict({"peft_type": "PREFIX_TUNING"})
 
 
 def test_unknown_keys_are_named(recwarn):

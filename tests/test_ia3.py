@@ -155,8 +155,8 @@ def test_ia3_refusals(tmp_path):
     ours.save_pretrained(tmp_path / "ia3")
     with pytest.raises(AdapterError, match="hotswap is for LoRA"):
         ours.load_adapter(tmp_path / "ia3", adapter_name="default", hotswap=True)
-    with pytest.raises(ConfigError, match="LoRA and IA3"):
-        surgeon.LoraConfig.from_peft_dict({"peft_type": "PROMPT_TUNING"})
+    with pytest.raises(ConfigError, match="LoRA, IA3 and prompt-tuning"):
+        surgeon.LoraConfig.from_peft_dict({"peft_type": "P_TUNING"})
 
 
 # ---- ONNX: each (IA)^3 vector a switchable input (default ones) -----------------------------------------------------

@@ -22,6 +22,7 @@ from surgeon.cli.options import (
     input_dir,
     lora_config,
     lora_options,
+    prompt_line,
     targets_table,
     write_adapter,
 )
@@ -43,7 +44,7 @@ def main() -> None:
 @click.option("--force", is_flag=True, help="Replace OUT if it exists (never a model directory or an input).")
 @bits_option
 @friendly
-def inject(model, targets, rank, alpha, dropout, all_linear, dora, method, dry_run, output, bits, force):
+def inject(model, dry_run, output, bits, force, **recipe):
     """Show where LoRA goes in MODEL (a directory or built-in name) and write the initial adapter."""
     quiet()
     from surgeon.matching import match
@@ -53,10 +54,13 @@ def inject(model, targets, rank, alpha, dropout, all_linear, dora, method, dry_r
     if output and not dry_run:
         check_adapter_out(output, [input_dir(model)], force)
     base = load_base(model, bits)
-    config = lora_config(targets, rank, alpha, dropout, all_linear, base_name(model), dora, method)
+    config = lora_config(base_name(model), **recipe)
     peft_model = get_peft_model(base, config)
-    found = match(peft_model.graphs.any(), config)
-    click.echo(targets_table(found, config, peft_model.graphs.any().meta["surgeon"].model_type))
+    if config.peft_type == "PROMPT_TUNING":
+        click.echo(prompt_line(peft_model.peft_config["default"]))  # token_dim filled from the base
+    else:
+        found = match(peft_model.graphs.any(), config)
+        click.echo(targets_table(found, config, peft_model.graphs.any().meta["surgeon"].model_type))
     click.echo(trainable_parameters_line(*peft_model.get_nb_trainable_parameters()))
     if output and not dry_run:
         write_adapter(peft_model, output, [input_dir(model)], force)
@@ -81,8 +85,8 @@ def inject(model, targets, rank, alpha, dropout, all_linear, dora, method, dry_r
 @click.option("--compile", "compile_graphs", is_flag=True,
               help="torch.compile the injected graph (inductor): a slow first step, faster steps after.")
 @friendly
-def train(model, data, heldout, targets, rank, alpha, dropout, all_linear, dora, method, steps, lr, batch_size,
-          seq_len, seed, eval_blocks_n, output, force, bits, compile_graphs):
+def train(model, data, heldout, steps, lr, batch_size, seq_len, seed, eval_blocks_n, output, force, bits,
+          compile_graphs, **recipe):
     """Fine-tune a LoRA adapter on MODEL (default: the embedded tiny GPT-2) and write it.
 
     Under torchrun or accelerate launch, each process trains on its share of every batch (--batch-size is the
@@ -101,7 +105,8 @@ def train(model, data, heldout, targets, rank, alpha, dropout, all_linear, dora,
     model = model or DEFAULT_MODEL
     inputs = [input_dir(model), data, heldout]
     check_adapter_out(output, inputs, force)
-    targets = targets or (() if all_linear or method == "ia3" else BUILTIN_TARGETS.get(model, ()))
+    if recipe["method"] == "lora" and not (recipe["targets"] or recipe["all_linear"]):
+        recipe["targets"] = BUILTIN_TARGETS.get(model, ())
     settings = TrainSettings(steps=steps, lr=lr, batch_size=batch_size, seq_len=seq_len, seed=seed)
     tokenizer = load_tokenizer(model)
     blocks = token_blocks(tokenizer, Path(data) if data else DEFAULT_DATA, seq_len)
@@ -115,8 +120,7 @@ def train(model, data, heldout, targets, rank, alpha, dropout, all_linear, dora,
     base = load_base(model, bits)
     for b, source in ((blocks, data or DEFAULT_DATA), (eval_blocks, heldout or data or DEFAULT_HELDOUT)):
         check_vocab(b, base.config.vocab_size, Path(source))
-    peft_model = get_peft_model(base, lora_config(targets, rank, alpha, dropout, all_linear, base_name(model), dora,
-                                                  method),
+    peft_model = get_peft_model(base, lora_config(base_name(model), **recipe),
                                 compile=compile_graphs)
     with process_group() as ranks:
         ranks.share(batch_size, "--batch-size")  # refused before any work

@@ -10,6 +10,7 @@ import click
 from surgeon.bundled import BUILTIN
 from surgeon.config import MAX_RANK, LoraConfig, TaskType
 from surgeon.ia3_config import IA3Config
+from surgeon.prompt_config import PromptTuningConfig
 from surgeon.outputs import check_name, check_out, refuse_model_dir, write_dir_atomically
 
 
@@ -39,23 +40,43 @@ def lora_options(fn):
                       help="lora_dropout, in [0, 1).")(fn)
     fn = click.option("--all-linear", is_flag=True, help="Target every linear layer but the output layer.")(fn)
     fn = click.option("--dora", is_flag=True, help="DoRA (use_dora): a trained magnitude per output besides A and B.")(fn)
-    fn = click.option("--method", type=click.Choice(["lora", "ia3"]), default="lora", show_default=True,
+    fn = click.option("--method", type=click.Choice(["lora", "ia3", "prompt"]), default="lora", show_default=True,
                       help="ia3: PEFT's IA3Config, a learned vector per target (its default targets and feed-forward "
-                           "modules per architecture); -r/--alpha/--dropout/--dora are LoRA's.")(fn)
+                           "modules per architecture); prompt: prompt tuning (--virtual-tokens, --init-text); "
+                           "-r/--alpha/--dropout/--dora are LoRA's.")(fn)
+    fn = click.option("--virtual-tokens", type=click.IntRange(1), default=None,
+                      help="--method prompt: the number of virtual tokens (default 20).")(fn)
+    fn = click.option("--init-text", default=None,
+                      help="--method prompt: start the virtual tokens from this text's token embeddings (PEFT's TEXT).")(fn)
     return fn
 
 
-def lora_config(targets, rank, alpha, dropout, all_linear, base_name, dora=False, method="lora"):
+def lora_config(base_name, *, targets, rank, alpha, dropout, all_linear, dora, method, virtual_tokens, init_text):
+    """The adapter recipe the CLI's method options describe; an option of another method is refused by name."""
     target_modules = "all-linear" if all_linear else (list(targets) or None)
+    given = {"--rank": rank != 8, "--alpha": alpha != 16.0, "--dropout": dropout != 0.0, "--dora": dora,
+             "--target": bool(targets), "--all-linear": all_linear, "--virtual-tokens": virtual_tokens is not None,
+             "--init-text": init_text is not None}
+    takes = {"lora": {"--rank", "--alpha", "--dropout", "--dora", "--target", "--all-linear"},
+             "ia3": {"--target", "--all-linear"}, "prompt": {"--virtual-tokens", "--init-text"}}[method]
+    wrong = [o for o, on in given.items() if on and o not in takes]
+    if wrong:
+        raise click.UsageError(f"{', '.join(wrong)}: not an option of --method {method} (it takes "
+                               f"{', '.join(sorted(takes))})")
+    if method == "prompt":
+        return PromptTuningConfig(num_virtual_tokens=virtual_tokens or 20, task_type=TaskType.CAUSAL_LM,
+                                  prompt_tuning_init="TEXT" if init_text else "RANDOM", prompt_tuning_init_text=init_text,
+                                  tokenizer_name_or_path=base_name if init_text else None,
+                                  base_model_name_or_path=base_name)
     if method == "ia3":
-        lora_only = [f"--{n}" for n, v, d in (("rank", rank, 8), ("alpha", alpha, 16.0), ("dropout", dropout, 0.0),
-                                               ("dora", dora, False)) if v != d]
-        if lora_only:
-            raise click.UsageError(f"{', '.join(lora_only)}: LoRA options; --method ia3 learns one vector per target "
-                                   "and takes none of them")
         return IA3Config(target_modules=target_modules, task_type=TaskType.CAUSAL_LM, base_model_name_or_path=base_name)
     return LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules,
                       task_type=TaskType.CAUSAL_LM, base_model_name_or_path=base_name, use_dora=dora)
+
+
+def prompt_line(config) -> str:
+    return (f"prompt tuning: {config.num_virtual_tokens} virtual tokens of {config.token_dim} values "
+            f"({config.prompt_tuning_init}) in front of every input")
 
 
 def targets_table(found, config=None, model_type: str | None = None) -> str:

@@ -12,7 +12,8 @@ from torch import fx, nn
 from surgeon.config import LoraConfig
 from surgeon.errors import AdapterError, did_you_mean
 from surgeon.graphs import set_nested
-from surgeon.layers import IA3Layer, LoraLayer, SavedTensor
+from surgeon.names import PROMPT_ATTR
+from surgeon.layers import IA3Layer, LoraLayer, PromptEmbeddings, SavedTensor
 from surgeon.matching import match
 from surgeon.passes.lora import new_adapter_modules
 
@@ -32,7 +33,12 @@ class AdapterState:
     # ---- reading ---------------------------------------------------------------------------------
     def registry(self) -> dict[str, nn.Module]:
         """Graph attribute -> module, for every adapter module of the model."""
-        return {n: m for n, m in self.modules.named_modules() if isinstance(m, (LoraLayer, IA3Layer, SavedTensor))}
+        return {n: m for n, m in self.modules.named_modules()
+                if isinstance(m, (LoraLayer, IA3Layer, SavedTensor, PromptEmbeddings))}
+
+    def prompts(self) -> PromptEmbeddings | None:
+        """The prompt-tuning adapters' embeddings (one module for all of them), if the model has any."""
+        return next((m for m in self.registry().values() if isinstance(m, PromptEmbeddings)), None)
 
     def lora_layers(self) -> list[LoraLayer]:
         return [m for m in self.registry().values() if isinstance(m, LoraLayer)]
@@ -49,8 +55,27 @@ class AdapterState:
                                f"adapters: {sorted(self.configs)}")
 
     # ---- changing ----------------------------------------------------------------------------------
-    def add(self, name: str, config: LoraConfig, graph: fx.GraphModule, *, trainable: bool = True) -> None:
-        """Create adapter ``name``'s tensors at every target ``config`` selects in ``graph`` (any graph of the model)."""
+    def add(self, name: str, config: LoraConfig, graph: fx.GraphModule | None, *, trainable: bool = True,
+            prompt: torch.Tensor | None = None) -> None:
+        """Create adapter ``name``'s tensors at every target ``config`` selects in ``graph`` (any graph of the model);
+        a prompt-tuning adapter holds ``prompt`` (its virtual tokens' embeddings) instead."""
+        self._check_new(name, config)
+        if prompt is not None:
+            module = self.prompts()
+            if module is None:
+                module = PromptEmbeddings()
+                set_nested(self.modules, PROMPT_ATTR, module)
+            module.adapters[name] = nn.Parameter(prompt)
+        else:
+            registry = self.registry()
+            for attr, module in new_adapter_modules(graph, match(graph, config), config, name, into=registry).items():
+                if attr not in registry:
+                    set_nested(self.modules, attr, module)
+        self.configs[name] = config
+        self.trainable[name] = trainable
+        self.activate(self.active if self.active in self.configs else name)
+
+    def _check_new(self, name: str, config) -> None:
         if name in self.configs:
             raise AdapterError(f"an adapter named {name!r} exists already; adapters: {sorted(self.configs)}")
         if not isinstance(name, str) or "." in name:  # torch's ModuleDict refuses dots (PEFT's names do too)
@@ -60,13 +85,6 @@ class AdapterState:
             raise AdapterError(f"adapter {name!r} is a {type(config).__name__} but this model holds {sorted(kinds)[0]} "
                                "adapters; surgeon keeps one method per model (PEFT needs its PeftMixedModel for "
                                "mixing): put it on a model of its own")
-        registry = self.registry()
-        for attr, module in new_adapter_modules(graph, match(graph, config), config, name, into=registry).items():
-            if attr not in registry:
-                set_nested(self.modules, attr, module)
-        self.configs[name] = config
-        self.trainable[name] = trainable
-        self.activate(self.active if self.active in self.configs else name)
 
     def delete(self, name: str) -> None:
         self.known(name)
@@ -133,10 +151,11 @@ class AdapterState:
         if merged:
             raise AdapterError(f"{where}: adapter_names cannot be used while adapters are merged ({merged}); call "
                                "unmerge_adapter() first")
-        ia3 = sorted({n for n in names if getattr(self.configs.get(n), "peft_type", "LORA") == "IA3"})
-        if ia3:
-            raise AdapterError(f"{where}: adapter_names is for LoRA adapters; {ia3} are IA3 (PEFT has no per-row IA3 "
-                               "either): run one IA3 adapter per batch")
+        other = sorted({n for n in names if getattr(self.configs.get(n), "peft_type", "LORA") != "LORA"})
+        if other:
+            raise AdapterError(f"{where}: adapter_names is for LoRA adapters; {other} are "
+                               f"{self.configs[other[0]].peft_type} (PEFT has no per-row form of it either): run one "
+                               "such adapter per batch")
         dora = sorted({n for layer in self.lora_layers() for n, a in layer.adapters.items() if a.dora and n in names})
         if dora:
             raise AdapterError(f"{where}: adapter_names cannot mix rows of DoRA adapters ({dora}) in one batch (PEFT "

@@ -10,9 +10,9 @@ import torch
 from surgeon.adapters import check_name, check_tensors, read_adapter_dir, write_adapter_dir
 from surgeon.config import LoraConfig
 from surgeon.errors import AdapterError
-from surgeon.layers import IA3Layer, LoraLayer, SavedTensor
+from surgeon.layers import IA3Layer, LoraLayer, PromptEmbeddings, SavedTensor
 from surgeon.matching import match, resolve_modules_to_save
-from surgeon.names import peft_ia3_key, peft_keys, peft_magnitude_key, peft_saved_key
+from surgeon.names import PROMPT_KEY, peft_ia3_key, peft_keys, peft_magnitude_key, peft_saved_key
 
 
 def bias_parameters(model, config: LoraConfig) -> list[tuple[str, torch.nn.Parameter]]:
@@ -34,6 +34,8 @@ def adapter_tensors(model, name: str) -> dict[str, torch.Tensor]:
             out[key_a], out[key_b] = adapter.lora_A[: adapter.r], adapter.lora_B[:, : adapter.r]
             if adapter.dora:
                 out[peft_magnitude_key(module.path)] = adapter.magnitude
+        elif isinstance(module, PromptEmbeddings) and name in module.adapters:
+            out[PROMPT_KEY] = module.adapters[name]
         elif isinstance(module, IA3Layer) and name in module.adapters:
             out[peft_ia3_key(module.path)] = module.adapters[name].ia3_l
         elif isinstance(module, SavedTensor) and name in module.copies:
@@ -45,6 +47,8 @@ def adapter_tensors(model, name: str) -> dict[str, torch.Tensor]:
 
 def expected_shapes(model, config: LoraConfig) -> dict[str, tuple[int, ...]]:
     """PEFT keys and shapes an adapter file for ``config`` must hold on this base model."""
+    if config.peft_type == "PROMPT_TUNING":
+        return {PROMPT_KEY: (config.num_virtual_tokens, model.base.get_input_embeddings().embedding_dim)}
     graph = model.graphs.any()
     out: dict[str, tuple[int, ...]] = {}
     for t in match(graph, config).targets:

@@ -81,13 +81,16 @@ class GraphSet:
     def _store(self, sig: tuple | None, captured: fx.GraphModule) -> None:
         graph = captured
         for config in self.state.configs.values():
-            graph = attach(graph, match(graph, config), self.state.registry())
+            if config.peft_type != "PROMPT_TUNING":  # prompt tuning leaves the graph alone (model/prompting.py)
+                graph = attach(graph, match(graph, config), self.state.registry())
         graph.train(self.training)
         self.graphs[sig if sig is not None else graph.meta["surgeon"].signature] = graph
 
     def attach_new(self, config: LoraConfig) -> None:
         """Every graph calls the adapter just added to the state (new graphs; the old ones are dropped)."""
         self.derived.clear()
+        if config.peft_type == "PROMPT_TUNING":
+            return
         for sig, graph in list(self.graphs.items()):
             self.graphs[sig] = attach(graph, match(graph, config), self.state.registry())
 

@@ -20,9 +20,8 @@ from surgeon.adapters import check_ranks, check_tensors, read_adapter_dir
 from surgeon.capturing import CacheLayout, signature_of
 from surgeon.compat import check_kwargs, forward_keywords, params_of, refuse_peft_load_flags, refuse_value
 from surgeon.config import LoraConfig
-from surgeon.ia3_config import IA3Config
 from surgeon.errors import AdapterError, UnknownArgumentError
-from surgeon.model import files, merging
+from surgeon.model import files, merging, prompting
 from surgeon.model.adapter_state import AdapterState
 from surgeon.model.generate import generate
 from surgeon.model.graph_set import GraphSet
@@ -73,6 +72,11 @@ class SurgeonModel(TransformersVerbs, DistributedHooks, nn.Module):
 
     def add_adapter(self, adapter_name: str, peft_config: LoraConfig, *, trainable: bool = True) -> None:
         """Add a new adapter (freshly initialised); the active adapter stays active."""
+        if peft_config.peft_type == "PROMPT_TUNING":  # no graph change: model/prompting.py
+            peft_config = prompting.filled(peft_config, self.base)
+            self.adapter_state.add(adapter_name, peft_config, None, trainable=trainable,
+                                   prompt=prompting.initial_prompt(peft_config, self.base))
+            return
         self.adapter_state.add(adapter_name, peft_config, self.graphs.any(), trainable=trainable)
         self.graphs.attach_new(peft_config)
         if trainable and peft_config.bias != "none":
@@ -119,7 +123,8 @@ class SurgeonModel(TransformersVerbs, DistributedHooks, nn.Module):
         ``skip_logits``: leave ``logits`` out when a loss is computed (default: in training; see ``forward.py``)."""
         first = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
         with self.adapter_state.rows(adapter_names, first, self.training, "forward"):
-            call = {"input_ids": input_ids, "attention_mask": attention_mask, **kwargs}
+            call, labels = prompting.with_prompt(self, {"input_ids": input_ids, "attention_mask": attention_mask,
+                                                        **kwargs}, labels)
             return run_forward(self, call, labels, num_items_in_batch, skip_logits)
 
     @property
@@ -133,6 +138,11 @@ class SurgeonModel(TransformersVerbs, DistributedHooks, nn.Module):
     def generate(self, *args, adapter_names=None, **kwargs):
         """transformers' ``generate``, every step in the injected decode graph; ``adapter_names``: one per row."""
         first = args[0] if args else kwargs.get("input_ids", kwargs.get("inputs_embeds"))
+        prompt = prompting.prompt_of(self)
+        if prompt is not None:
+            if adapter_names is not None:
+                raise AdapterError("generate: adapter_names is for LoRA adapters, not prompt tuning")
+            return prompting.generate_with_prompt(self, prompt, *args, **kwargs)
         with self.adapter_state.rows(adapter_names, first, self.training, "generate"):
             return generate(self, *args, **kwargs)
 
@@ -260,6 +270,9 @@ class SurgeonModel(TransformersVerbs, DistributedHooks, nn.Module):
     # ---- merging ---------------------------------------------------------------------------
     def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
         """Add the adapters (default: the active one) into the base weights; the branches skip them."""
+        if self.adapter_state.prompts() is not None:
+            raise AdapterError("merge: prompt tuning has no weights to merge into (its virtual tokens are inputs); "
+                               "keep the adapter, or use LoRA/IA3 to get a merged model")
         merging.merge(self, tuple(adapter_names or self.active_adapters), safe_merge)
 
     def unmerge_adapter(self) -> None:
@@ -306,24 +319,3 @@ class SurgeonModel(TransformersVerbs, DistributedHooks, nn.Module):
 
 def trainable_parameters_line(trainable: int, total: int) -> str:
     return f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"
-
-
-def get_peft_model(model: nn.Module, peft_config: LoraConfig, adapter_name: str = "default", mixed: bool = False,
-                   autocast_adapter_dtype: bool = True, revision: str | None = None, low_cpu_mem_usage: bool = False,
-                   compile: bool = False, **kwargs: Any) -> SurgeonModel:
-    """Capture ``model``, inject ``peft_config``'s LoRA, freeze everything else (PEFT's entry point).
-
-    PEFT's other arguments are accepted by name at the values surgeon honours and refused otherwise.
-    ``compile=True`` (surgeon's): every injected graph runs through ``torch.compile`` (inductor).
-    """
-    check_kwargs("get_peft_model", kwargs, params_of(get_peft_model))
-    refuse_value("get_peft_model", "mixed", mixed, [False], "surgeon has no PeftMixedModel; add adapters of one method")
-    refuse_value("get_peft_model", "revision", revision, [None], "surgeon loads nothing from a hub")
-    refuse_peft_load_flags("get_peft_model", autocast_adapter_dtype, low_cpu_mem_usage)
-    if not isinstance(peft_config, (LoraConfig, IA3Config)):
-        raise AdapterError(f"get_peft_model takes a surgeon.LoraConfig or surgeon.IA3Config, got "
-                           f"{type(peft_config).__name__}; build one with surgeon.LoraConfig(...) (same fields as "
-                           "peft.LoraConfig)")
-    peft_model = SurgeonModel(model, peft_config, adapter_name)
-    peft_model.compile_graphs = bool(compile)
-    return peft_model

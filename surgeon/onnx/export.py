@@ -88,6 +88,10 @@ def export_onnx(model, out_dir: str | os.PathLike, adapters: list[str] | None = 
         raise AdapterError("--merged and --bank exclude each other: a bank keeps every adapter switchable per row")
     if merged and len(names) != 1:
         raise AdapterError(f"--merged folds exactly one adapter; got {len(names)} ({', '.join(names)})")
+    prompts = [rename.get(n, n) for n in names if model.peft_config[n].peft_type == "PROMPT_TUNING"]
+    if prompts:
+        raise AdapterError(f"ONNX export of prompt-tuning adapters ({', '.join(prompts)}) is not supported yet: the "
+                           "virtual tokens would have to enter the prefill only and shift every position")
     ia3 = [rename.get(n, n) for n in names if model.peft_config[n].peft_type == "IA3"]
     if ia3 and (bank or int4) and not merged:
         raise AdapterError(f"{'--bank' if bank else '--int4'} with IA3 adapters ({', '.join(ia3)}) is not supported "

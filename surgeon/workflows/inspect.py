@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from surgeon.adapters import read_adapter_dir
-from surgeon.names import CONFIG_NAME, WEIGHTS_NAME, parse_peft_key
+from surgeon.names import CONFIG_NAME, PROMPT_KEY, WEIGHTS_NAME, parse_peft_key
 
 
 def describe_adapter(directory: str) -> str:
@@ -16,14 +16,19 @@ def describe_adapter(directory: str) -> str:
     saved, vectors = [], {}
     for key, value in tensors.items():
         path, part = parse_peft_key(key)
-        if part in ("A", "B", "M"):
+        if key == PROMPT_KEY:  # prompt tuning: one table of virtual-token embeddings
+            vectors = {f"virtual token {i}": row for i, row in enumerate(value.float())}
+        elif part in ("A", "B", "M"):
             pairs.setdefault(path, {})[part] = value
         elif part == "L":
             vectors[path] = value.float()  # [1, in]: scales the input; [out, 1]: the output
         else:
             saved.append((f"{path}.{part}", tuple(value.shape)))
     rows = [("module", "r", "alpha", "scale", "|scale*B@A|")]
-    if vectors:  # (IA)^3: one vector per module; how far it is from ones says how much it changes the base
+    if PROMPT_KEY in tensors:
+        rows = [("prompt_embeddings", "size", "norm")]
+        rows += [(n, str(v.numel()), f"{torch.linalg.vector_norm(v).item():.4g}") for n, v in vectors.items()]
+    elif vectors:  # (IA)^3: one vector per module; how far it is from ones says how much it changes the base
         rows = [("module", "scales", "size", "min", "max", "|l - 1|")]
         rows += [(p, "input" if v.shape[0] == 1 else "output", str(v.numel()), f"{v.min().item():.4g}",
                   f"{v.max().item():.4g}", f"{torch.linalg.vector_norm(v - 1).item():.4g}")
@@ -53,6 +58,9 @@ def describe_adapter(directory: str) -> str:
 
 
 def _settings(config) -> str:
+    if config.peft_type == "PROMPT_TUNING":
+        return (f"prompt tuning: num_virtual_tokens={config.num_virtual_tokens} token_dim={config.token_dim} "
+                f"init={config.prompt_tuning_init}")
     if config.peft_type == "IA3":
         return (f"IA3 target_modules={_show(config.target_modules)} feedforward_modules="
                 f"{_show(config.feedforward_modules)} init_ia3_weights={config.init_ia3_weights}")
