@@ -72,8 +72,30 @@ def _tupled(value):
     return value
 
 
+class PeftJson:
+    """What every adapter config shares: ``replace`` (validated again), PEFT's JSON out (``to_peft_dict``)."""
+
+    def replace(self, **changes: Any):
+        """A copy with ``changes`` applied (and validated)."""
+        check_kwargs(f"{type(self).__name__}.replace", changes, [f.name for f in dataclasses.fields(self)])
+        return dataclasses.replace(self, **changes)
+
+    def to_peft_dict(self) -> dict[str, Any]:
+        """The ``adapter_config.json`` content PEFT writes for the same adapter."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            out[f.name] = list(value) if isinstance(value, tuple) else value.value if isinstance(value, TaskType) \
+                else dict(value) if isinstance(value, Mapping) else value
+        out["peft_type"] = self.peft_type
+        return dict(sorted(out.items()))
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_peft_dict(), indent=2, sort_keys=True) + "\n"
+
+
 @dataclasses.dataclass(frozen=True)
-class LoraConfig:
+class LoraConfig(PeftJson):
     """A LoRA adapter's recipe, with PEFT's field names and defaults."""
 
     peft_type = "LORA"  # a class attribute, not a field
@@ -128,26 +150,10 @@ class LoraConfig:
         alpha = self.alpha_for(path)
         return alpha / math.sqrt(r) if self.use_rslora else alpha / r
 
-    def replace(self, **changes: Any) -> LoraConfig:
-        """A copy with ``changes`` applied (and validated)."""
-        check_kwargs("LoraConfig.replace", changes, [f.name for f in dataclasses.fields(self)])
-        return dataclasses.replace(self, **changes)
-
     # ---- PEFT JSON --------------------------------------------------------------------
     def to_peft_dict(self) -> dict[str, Any]:
-        """The ``adapter_config.json`` content PEFT writes for the same adapter."""
-        out: dict[str, Any] = dict(_UNSUPPORTED_AT_DEFAULT)
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if isinstance(value, tuple):
-                value = list(value)
-            if isinstance(value, TaskType):
-                value = value.value
-            if isinstance(value, Mapping):
-                value = dict(value)
-            out[f.name] = value
-        out["peft_type"] = "LORA"
-        return dict(sorted(out.items()))
+        """The ``adapter_config.json`` content PEFT writes for the same adapter (its other fields at their defaults)."""
+        return dict(sorted({**_UNSUPPORTED_AT_DEFAULT, **super().to_peft_dict()}.items()))
 
     @classmethod
     def from_peft_dict(cls, data: Mapping[str, Any], *, source: str = "adapter_config.json") -> LoraConfig:
@@ -175,10 +181,6 @@ class LoraConfig:
             return cls(**kwargs)
         except ConfigError as err:
             raise ConfigError(f"{source}: {err}") from None
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_peft_dict(), indent=2, sort_keys=True) + "\n"
-
 
 def _pattern_value(patterns: Mapping[str, Any], path: str, default: Any) -> Any:
     """PEFT's rule: the first pattern that equals ``path`` or matches a ``.``-suffix (or regex) wins."""

@@ -8,14 +8,12 @@ layers_to_transform) with fixed values.
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 import warnings
 from collections.abc import Mapping
 from typing import Any
 
-from surgeon.compat import check_kwargs
-from surgeon.config import _IGNORED, LoraConfig, TaskType, _tupled
+from surgeon.config import _IGNORED, LoraConfig, PeftJson, TaskType, _tupled
 from surgeon.errors import ConfigError
 from surgeon.prompt_config import PromptTuningConfig
 
@@ -34,7 +32,7 @@ IA3_DEFAULT_FEEDFORWARD = {k: (v[-1],) for k, v in IA3_DEFAULT_TARGETS.items()} 
 
 
 @dataclasses.dataclass(frozen=True)
-class IA3Config:
+class IA3Config(PeftJson):
     """An (IA)^3 adapter's recipe, with PEFT's field names and defaults: a learned vector scales each target's
     output, or its input where the target is one of ``feedforward_modules``."""
 
@@ -91,22 +89,6 @@ class IA3Config:
                                   f"model_type={model_type!r}; set it (a subset of target_modules, or [])")
             ff = IA3_DEFAULT_FEEDFORWARD[model_type]
         return re.fullmatch(ff, path) is not None if isinstance(ff, str) else any(path.endswith(n) for n in ff)
-
-    def replace(self, **changes: Any) -> IA3Config:
-        check_kwargs("IA3Config.replace", changes, [f.name for f in dataclasses.fields(self)])
-        return dataclasses.replace(self, **changes)
-
-    def to_peft_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            out[f.name] = list(value) if isinstance(value, tuple) else value.value if isinstance(value, TaskType) \
-                else value
-        out["peft_type"] = "IA3"
-        return dict(sorted(out.items()))
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_peft_dict(), indent=2, sort_keys=True) + "\n"
 
 
 def config_from_peft_dict(data: Mapping[str, Any], *, source: str = "adapter_config.json"):

@@ -154,6 +154,8 @@ def onnx_ia3_name(path: str) -> str:
 def parse_onnx_input(name: str) -> tuple[str, str] | None:
     """``(module path, 'A', 'B', 'G' or 'L')`` of an adapter input name (G: DoRA's factor, L: an (IA)^3 vector);
     None for any other input."""
+    if name == PROMPT_KEY:  # prompt tuning's virtual tokens [n, dim]
+        return PROMPT_KEY, "P"
     if name.endswith("." + DORA_INPUT):
         return name[: -len(DORA_INPUT) - 1], "G"
     if name.endswith("." + IA3_PART):

@@ -8,19 +8,17 @@ base model when the adapter is created (PEFT records them too).
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Mapping
 from typing import Any
 
-from surgeon.compat import check_kwargs
-from surgeon.config import TaskType
+from surgeon.config import PeftJson, TaskType
 from surgeon.errors import ConfigError, did_you_mean
 
 PROMPT_INITS = ("RANDOM", "TEXT", "SAMPLE_VOCAB")
 
 
 @dataclasses.dataclass(frozen=True)
-class PromptTuningConfig:
+class PromptTuningConfig(PeftJson):
     """Prompt tuning: ``num_virtual_tokens`` trained embeddings prepended to every input (PEFT's fields)."""
 
     num_virtual_tokens: int | None = None
@@ -62,23 +60,10 @@ class PromptTuningConfig:
         if self.num_transformer_submodules not in (None, 1):
             problems.append(f"num_transformer_submodules={self.num_transformer_submodules}: surgeon's prompt tuning "
                             "covers decoder-only models (1)")
+        if self.task_type not in (None, TaskType.CAUSAL_LM):
+            problems.append(f"task_type={self.task_type.value}: surgeon's prompt tuning covers CAUSAL_LM (a "
+                            "classifier would also need its head trained as modules_to_save); use LoRA or IA3 for it")
         if self.modules_to_save:
             problems.append(f"modules_to_save={list(self.modules_to_save)}: not with prompt tuning in surgeon yet")
         if problems:
             raise ConfigError("invalid PromptTuningConfig:\n  - " + "\n  - ".join(problems))
-
-    def replace(self, **changes: Any) -> PromptTuningConfig:
-        check_kwargs("PromptTuningConfig.replace", changes, [f.name for f in dataclasses.fields(self)])
-        return dataclasses.replace(self, **changes)
-
-    def to_peft_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            out[f.name] = list(value) if isinstance(value, tuple) else value.value if isinstance(value, TaskType) \
-                else dict(value) if isinstance(value, Mapping) else value
-        out["peft_type"] = "PROMPT_TUNING"
-        return dict(sorted(out.items()))
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_peft_dict(), indent=2, sort_keys=True) + "\n"

@@ -81,6 +81,28 @@ def batch(name: str, b: int = 2, s: int = 9, seed: int = 1, pad_left: int = 0) -
     return out
 
 
+def loss_curve(model, name: str, steps: int = 10, lr: float = 1e-2, **batch_kw) -> list[float]:
+    """AdamW on the trainable tensors, one seeded batch per step; the losses. Seeded first, so two tools draw the
+    same dropout masks."""
+    torch.manual_seed(0)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    model.train()
+    curve = []
+    for step in range(steps):
+        loss = model(**batch(name, b=3, s=10, seed=step, **batch_kw)).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        curve.append(loss.item())
+    return curve
+
+
+def seeded(model, **kw):
+    """``model(**kw)`` after seeding: the base's own dropout (GPT-2's) draws the same masks in both tools."""
+    torch.manual_seed(5)
+    return model(**kw)
+
+
 @pytest.fixture(scope="session")
 def tmp_session(tmp_path_factory):
     return tmp_path_factory.mktemp("session")
@@ -168,3 +190,65 @@ def until_eos(rows: list[list[int]], eos: set[int]) -> list[list[int]]:
         cut = next((i for i, t in enumerate(row) if t in eos), len(row))
         out.append(list(row[:cut]))
     return out
+
+
+def genai_equals_session(genai, export_dir, adapters) -> dict:
+    """onnxruntime-genai's greedy tokens for two prompts against ``AdapterSession.generate``'s, per adapter (None:
+    the base); returns ours by adapter."""
+    from surgeon.onnx.runtime import AdapterSession
+
+    session = AdapterSession(export_dir)
+    eos = set(session.generation["eos_token_id"])
+    pad = session.generation["pad_token_id"]
+    pad = pad if pad is not None else min(eos)
+    prompts = [[5, 9, 11, 3], [7, 2, 8, 8, 30, 4]]
+    got = genai(export_dir, prompts, adapters=adapters, n=8)
+    want = {a: until_eos(session_new_tokens(session, prompts, a, 8, pad), eos) for a in adapters}
+    assert {a: until_eos(got[a], eos) for a in want} == want
+    return want
+
+
+def assert_export_matches_torch(root, model, name: str, adapters, input_suffix: str) -> None:
+    """``root/onnx`` (a KV-cache export of ``model``) equals torch within 1e-4 at two shapes, with left padding, for
+    each adapter in turn (None: the base); greedy generation equals torch's and ``root/merged``'s (the first
+    adapter folded). ``input_suffix`` names the method's graph inputs (``.dora_scale``, ``.ia3_l``)."""
+    import numpy as np
+
+    from surgeon.onnx.decoding import empty_past
+    from surgeon.onnx.runtime import AdapterSession
+
+    session = AdapterSession(root / "onnx")
+    assert any(i.endswith(input_suffix) for i in session.lora_inputs)
+    for b, s in ((1, 5), (3, 9)):
+        x = {k: v for k, v in batch(name, b=b, s=s, seed=b + s, pad_left=2 if b > 1 else 0).items() if k != "labels"}
+        x["use_cache"] = False
+        feeds = {"input_ids": x["input_ids"].numpy(), "attention_mask": x["attention_mask"].numpy()}
+        feeds["position_ids"] = np.maximum(np.cumsum(feeds["attention_mask"], axis=1) - 1, 0)
+        for adapter in adapters:
+            got = session.run({**feeds, **empty_past(session.generation, b)}, adapter=adapter)["logits"]
+            with torch.no_grad():
+                if adapter is None:
+                    with model.disable_adapter():
+                        want = model(**x, position_ids=torch.from_numpy(feeds["position_ids"])).logits.numpy()
+                else:
+                    model.set_adapter(adapter)
+                    want = model(**x, position_ids=torch.from_numpy(feeds["position_ids"])).logits.numpy()
+            real = feeds["attention_mask"].astype(bool)
+            assert np.abs(got - want)[real].max() <= 1e-4, (b, s, adapter)
+    first = next(a for a in adapters if a is not None)
+    model.set_adapter(first)
+    ids = batch(name, b=2, s=6)["input_ids"].numpy()
+    tuned = session.generate(ids, adapter=first, max_new_tokens=6, eos_token_id=[])
+    assert (AdapterSession(root / "merged").generate(ids, max_new_tokens=6, eos_token_id=[]) == tuned).all()
+    with torch.no_grad():
+        want = model.generate(input_ids=torch.from_numpy(ids), max_new_tokens=6, do_sample=False, eos_token_id=None)
+    assert (tuned == want.numpy()).all()
+
+
+def assert_check_catches(root) -> None:
+    """``surgeon check`` passes on ``root/onnx`` and ``root/merged`` and fails with ``root/altered`` as the adapter."""
+    ok = run_cli("check", root / "onnx")
+    assert ok.returncode == 0, ok.stdout
+    bad = run_cli("check", root / "onnx", "--adapter", f"default={root / 'altered'}")
+    assert bad.returncode == 1 and "FAIL  adapter[default]_vs_torch" in bad.stdout, bad.stdout
+    assert run_cli("check", root / "merged").returncode == 0

@@ -12,7 +12,7 @@ import torch
 import surgeon
 from surgeon.errors import AdapterError
 from surgeon.names import peft_keys
-from tests.conftest import ARCHS, batch, make_base
+from tests.conftest import ARCHS, batch, loss_curve, make_base, seeded
 from tests.test_fold import inputs
 from tests.test_peft_parity import copy_peft_weights
 
@@ -50,10 +50,6 @@ def _grads(ours, theirs) -> tuple[dict, dict]:
     return mine, {k: v.grad for k, v in keyed.items() if v.requires_grad}
 
 
-def _seeded(model, **kw):
-    torch.manual_seed(5)  # the base's own dropout (GPT-2's) draws the same masks in both tools
-    return model(**kw)
-
 
 @pytest.mark.parametrize("name", NAMES)
 def test_dora_logits_and_gradients_equal_peft(name):
@@ -62,8 +58,8 @@ def test_dora_logits_and_gradients_equal_peft(name):
         model.train()
     b = batch(name, b=3, s=10, seed=4, pad_left=2)
     inputs = {k: v for k, v in b.items() if k != "labels"}  # with labels ours trains on a fast path without logits
-    assert (_seeded(ours, **inputs).logits - _seeded(theirs, **inputs).logits).abs().max() <= 1e-5
-    got, want = _seeded(ours, **b), _seeded(theirs, **b)
+    assert (seeded(ours, **inputs).logits - seeded(theirs, **inputs).logits).abs().max() <= 1e-5
+    got, want = seeded(ours, **b), seeded(theirs, **b)
     assert abs(got.loss.item() - want.loss.item()) <= 1e-5
     got.loss.backward()
     want.loss.backward()
@@ -77,19 +73,7 @@ def test_dora_logits_and_gradients_equal_peft(name):
 def test_dora_loss_curve_equals_peft_with_dropout(name):
     """10 AdamW steps with lora_dropout 0.1: PEFT's training path (x dropped out, the base result recomputed)."""
     ours, theirs = twins(name, lora_dropout=0.1)
-    curves = []
-    for model in (ours, theirs):
-        torch.manual_seed(0)
-        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-        model.train()
-        curve = []
-        for step in range(10):
-            loss = model(**batch(name, b=3, s=10, seed=step)).loss
-            loss.backward()
-            opt.step()
-            opt.zero_grad()
-            curve.append(loss.item())
-        curves.append(curve)
+    curves = [loss_curve(model, name, lr=1e-2) for model in (ours, theirs)]
     assert curves[0] == pytest.approx(curves[1], abs=2e-5), curves
     assert curves[0][-1] < curves[0][0]
 
@@ -199,49 +183,17 @@ def dora_exports(tmp_path_factory):
 
 @pytest.mark.parametrize("name", ["gpt2", "llama"])
 def test_dora_onnx_export_switches_and_equals_torch(dora_exports, name):
-    import numpy as np
-
-    from surgeon.onnx.decoding import empty_past
-    from surgeon.onnx.runtime import AdapterSession
+    from tests.conftest import assert_export_matches_torch
 
     root, ours = dora_exports[name]
-    session = AdapterSession(root / "onnx")
-    assert any(i.endswith(".dora_scale") for i in session.lora_inputs)
-    for b, s in ((1, 5), (3, 9)):
-        x = inputs(name, b=b, s=s, seed=b + s)
-        feeds = {"input_ids": x["input_ids"].numpy(), "attention_mask": x["attention_mask"].numpy()}
-        feeds["position_ids"] = np.maximum(np.cumsum(feeds["attention_mask"], axis=1) - 1, 0)
-        for adapter in (None, "default", "plain", "default"):
-            got = session.run({**feeds, **empty_past(session.generation, b)}, adapter=adapter)["logits"]
-            with torch.no_grad():
-                if adapter is None:
-                    with ours.disable_adapter():
-                        want = ours(**x).logits.numpy()
-                else:
-                    ours.set_adapter(adapter)
-                    want = ours(**x).logits.numpy()
-            real = feeds["attention_mask"].astype(bool)
-            assert np.abs(got - want)[real].max() <= 1e-4, (b, s, adapter)
-    ours.set_adapter("default")
-    merged = AdapterSession(root / "merged")
-    ids = inputs(name, b=2, s=6)["input_ids"].numpy()
-    assert (merged.generate(ids, max_new_tokens=6, eos_token_id=[]) ==
-            session.generate(ids, adapter="default", max_new_tokens=6, eos_token_id=[])).all()
-    with torch.no_grad():
-        want = ours.generate(input_ids=torch.from_numpy(ids), max_new_tokens=6, do_sample=False, eos_token_id=None)
-    assert (session.generate(ids, adapter="default", max_new_tokens=6, eos_token_id=[]) == want.numpy()).all()
+    assert_export_matches_torch(root, ours, name, (None, "default", "plain", "default"), ".dora_scale")
 
 
 @pytest.mark.parametrize("name", ["gpt2", "llama"])
 def test_check_passes_on_a_dora_export_and_fails_on_an_altered_magnitude(dora_exports, name):
-    from tests.conftest import run_cli
+    from tests.conftest import assert_check_catches
 
-    root, _ = dora_exports[name]
-    ok = run_cli("check", root / "onnx")
-    assert ok.returncode == 0, ok.stdout
-    bad = run_cli("check", root / "onnx", "--adapter", f"default={root / 'altered'}")
-    assert bad.returncode == 1 and "FAIL  adapter[default]_vs_torch" in bad.stdout, bad.stdout
-    assert run_cli("check", root / "merged").returncode == 0
+    assert_check_catches(dora_exports[name][0])
 
 
 def test_cli_trains_inspects_and_exports_dora_and_refuses_what_it_cannot(tmp_path):
@@ -255,7 +207,7 @@ def test_cli_trains_inspects_and_exports_dora_and_refuses_what_it_cannot(tmp_pat
     assert any(k.endswith(".lora_magnitude_vector") for k in keys)
     assert "dora=True" in run_cli("inspect", tmp_path / "ad").stdout
     bank = run_cli("export", "tiny-gpt2", tmp_path / "ad", "-o", tmp_path / "b", "--bank")
-    assert bank.returncode == 2 and "DoRA" in bank.stderr and not (tmp_path / "b").exists()
+    assert bank.returncode == 0, bank.stderr  # a DoRA bank: g per slot (test_dora_bank_rows_equal_...)
     int4 = run_cli("export", "tiny-gpt2", tmp_path / "ad", "-o", tmp_path / "q", "--int4")
     assert int4.returncode == 2 and "--merged --int4" in int4.stderr
     merged = run_cli("export", "tiny-gpt2", tmp_path / "ad", "-o", tmp_path / "m", "--merged", "--int4")
@@ -282,16 +234,34 @@ def test_dora_hotswap_equals_a_fresh_load(tmp_path):
 
 def test_genai_runs_the_dora_export_as_written(dora_exports, genai):
     """onnxruntime-genai (its own onnxruntime) feeds the .onnx_adapter files, g included: greedy tokens equal ours."""
-    from surgeon.onnx.runtime import AdapterSession
-    from tests.conftest import session_new_tokens, until_eos
+    from tests.conftest import genai_equals_session
 
-    root, _ = dora_exports["llama"]
-    session = AdapterSession(root / "onnx")
-    eos = set(session.generation["eos_token_id"])
-    pad = session.generation["pad_token_id"]
-    pad = pad if pad is not None else min(eos)
-    prompts = [[5, 9, 11, 3], [7, 2, 8, 8, 30, 4]]
-    got = genai(root / "onnx", prompts, adapters=(None, "default", "plain"), n=8)
-    want = {a: until_eos(session_new_tokens(session, prompts, a, 8, pad), eos) for a in (None, "default", "plain")}
-    assert {a: until_eos(got[a], eos) for a in want} == want
+    want = genai_equals_session(genai, dora_exports["llama"][0] / "onnx", (None, "default", "plain"))
     assert want["default"] != want[None]
+
+
+def test_dora_bank_rows_equal_each_adapter_alone(dora_exports, tmp_path):
+    """A bank holding the DoRA adapter and a plain LoRA one (g ones in its slot): each row equals its adapter's own
+    export run alone; `bank add` of a DoRA adapter is refused (its g needs the base weights)."""
+    import numpy as np
+
+    from surgeon.onnx.decoding import empty_past
+    from surgeon.onnx.export import export_onnx
+    from surgeon.onnx.runtime import AdapterSession
+    from surgeon.workflows.checks import run_checks
+    from tests.conftest import run_cli
+
+    root, ours = dora_exports["gpt2"]
+    bank = export_onnx(ours, tmp_path / "bank", ["default", "plain"], kv_cache=True, bank=True)
+    ids = inputs("gpt2", b=3, s=7, seed=12)["input_ids"].numpy()
+    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids), "position_ids": np.tile(np.arange(7), (3, 1)),
+             **empty_past(AdapterSession(bank).generation, 3)}
+    rows = ["plain", None, "default"]
+    got = AdapterSession(bank).run(feeds, adapters=rows)["logits"]
+    single = AdapterSession(root / "onnx")
+    for i, name in enumerate(rows):
+        want = single.run({k: v[i:i + 1] for k, v in feeds.items()}, adapter=name)["logits"]
+        assert np.abs(got[i:i + 1] - want).max() <= 1e-4, name
+    assert run_checks(bank).passed
+    refused = run_cli("bank", "add", bank, root / "ad", "--name", "again")
+    assert refused.returncode == 2 and "DoRA" in refused.stderr

@@ -11,7 +11,7 @@ import torch
 
 import surgeon
 from surgeon.errors import AdapterError, ConfigError
-from tests.conftest import ARCHS, batch, make_base
+from tests.conftest import ARCHS, batch, loss_curve, make_base, seeded
 from tests.test_fold import inputs
 from tests.test_peft_parity import copy_peft_weights
 
@@ -29,7 +29,7 @@ def twins(name: str, **cfg):
     return ours, theirs
 
 
-def _seeded(model, **kw):
+def seeded(model, **kw):
     torch.manual_seed(5)  # the base's own dropout draws the same masks in both tools
     return model(**kw)
 
@@ -42,10 +42,10 @@ def test_ia3_logits_gradients_and_parameter_line_equal_peft(name, capsys):
     ours.train(), theirs.train()
     b = batch(name, b=3, s=10, seed=4, pad_left=2)
     x = {k: v for k, v in b.items() if k != "labels"}
-    assert (_seeded(ours, **x).logits - _seeded(theirs, **x).logits).abs().max() <= 1e-5
+    assert (seeded(ours, **x).logits - seeded(theirs, **x).logits).abs().max() <= 1e-5
     with torch.no_grad(), ours.disable_adapter():
-        assert (_seeded(ours, **x).logits - _seeded(theirs, **x).logits).abs().max() > 1e-4  # the vectors act
-    got, want = _seeded(ours, **b), _seeded(theirs, **b)
+        assert (seeded(ours, **x).logits - seeded(theirs, **x).logits).abs().max() > 1e-4  # the vectors act
+    got, want = seeded(ours, **b), seeded(theirs, **b)
     assert abs(got.loss.item() - want.loss.item()) <= 1e-5
     got.loss.backward()
     want.loss.backward()
@@ -64,19 +64,7 @@ def test_ia3_logits_gradients_and_parameter_line_equal_peft(name, capsys):
 @pytest.mark.parametrize("name", ["gpt2", "llama"])
 def test_ia3_loss_curve_equals_peft(name):
     ours, theirs = twins(name, init_ia3_weights=True)
-    curves = []
-    for model in (ours, theirs):
-        torch.manual_seed(0)
-        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-2)
-        model.train()
-        curve = []
-        for step in range(10):
-            loss = model(**batch(name, b=3, s=10, seed=step)).loss
-            loss.backward()
-            opt.step()
-            opt.zero_grad()
-            curve.append(loss.item())
-        curves.append(curve)
+    curves = [loss_curve(model, name, lr=5e-2) for model in (ours, theirs)]
     assert curves[0] == pytest.approx(curves[1], abs=2e-5), curves
     assert curves[0][-1] < curves[0][0]
 
@@ -184,46 +172,17 @@ def ia3_exports(tmp_path_factory):
 
 @pytest.mark.parametrize("name", ["gpt2", "llama"])
 def test_ia3_onnx_export_switches_and_equals_torch(ia3_exports, name):
-    import numpy as np
-
-    from surgeon.onnx.decoding import empty_past
-    from surgeon.onnx.runtime import AdapterSession
+    from tests.conftest import assert_export_matches_torch
 
     root, ours = ia3_exports[name]
-    session = AdapterSession(root / "onnx")
-    assert any(i.endswith(".ia3_l") for i in session.lora_inputs)
-    for b, s in ((1, 5), (3, 9)):
-        x = inputs(name, b=b, s=s, seed=b + s)
-        feeds = {"input_ids": x["input_ids"].numpy(), "attention_mask": x["attention_mask"].numpy()}
-        feeds["position_ids"] = np.maximum(np.cumsum(feeds["attention_mask"], axis=1) - 1, 0)
-        real = feeds["attention_mask"].astype(bool)
-        for adapter in (None, "default", None):
-            got = session.run({**feeds, **empty_past(session.generation, b)}, adapter=adapter)["logits"]
-            with torch.no_grad():
-                if adapter is None:
-                    with ours.disable_adapter():
-                        want = ours(**x).logits.numpy()
-                else:
-                    want = ours(**x).logits.numpy()
-            assert np.abs(got - want)[real].max() <= 1e-4, (b, s, adapter)
-    ids = inputs(name, b=2, s=6)["input_ids"].numpy()
-    tuned = session.generate(ids, adapter="default", max_new_tokens=6, eos_token_id=[])
-    assert (AdapterSession(root / "merged").generate(ids, max_new_tokens=6, eos_token_id=[]) == tuned).all()
-    with torch.no_grad():
-        want = ours.generate(input_ids=torch.from_numpy(ids), max_new_tokens=6, do_sample=False, eos_token_id=None)
-    assert (tuned == want.numpy()).all()
+    assert_export_matches_torch(root, ours, name, (None, "default", None), ".ia3_l")
 
 
 @pytest.mark.parametrize("name", ["gpt2", "llama"])
 def test_check_passes_on_an_ia3_export_and_fails_on_an_altered_vector(ia3_exports, name):
-    from tests.conftest import run_cli
+    from tests.conftest import assert_check_catches
 
-    root, _ = ia3_exports[name]
-    ok = run_cli("check", root / "onnx")
-    assert ok.returncode == 0, ok.stdout
-    bad = run_cli("check", root / "onnx", "--adapter", f"default={root / 'altered'}")
-    assert bad.returncode == 1 and "FAIL  adapter[default]_vs_torch" in bad.stdout, bad.stdout
-    assert run_cli("check", root / "merged").returncode == 0
+    assert_check_catches(ia3_exports[name][0])
 
 
 def test_cli_inject_and_train_with_method_ia3(tmp_path):
@@ -242,21 +201,50 @@ def test_cli_inject_and_train_with_method_ia3(tmp_path):
     exported = run_cli("export", "tiny-gpt2", tmp_path / "ad", "-o", tmp_path / "onnx", "--kv-cache")
     assert exported.returncode == 0, exported.stderr
     assert run_cli("check", tmp_path / "onnx").returncode == 0
-    bank = run_cli("export", "tiny-gpt2", tmp_path / "ad", "-o", tmp_path / "b", "--bank")
-    assert bank.returncode == 2 and "IA3" in bank.stderr
+    int4 = run_cli("export", "tiny-gpt2", tmp_path / "ad", "-o", tmp_path / "q", "--int4")
+    assert int4.returncode == 2 and "IA3" in int4.stderr and not (tmp_path / "q").exists()
 
 
 def test_genai_runs_the_ia3_export_as_written(ia3_exports, genai):
-    from surgeon.onnx.runtime import AdapterSession
-    from tests.conftest import session_new_tokens, until_eos
+    from tests.conftest import genai_equals_session
 
-    root, _ = ia3_exports["llama"]
-    session = AdapterSession(root / "onnx")
-    eos = set(session.generation["eos_token_id"])
-    pad = session.generation["pad_token_id"]
-    pad = pad if pad is not None else min(eos)
-    prompts = [[5, 9, 11, 3], [7, 2, 8, 8, 30, 4]]
-    got = genai(root / "onnx", prompts, adapters=(None, "default"), n=8)
-    want = {a: until_eos(session_new_tokens(session, prompts, a, 8, pad), eos) for a in (None, "default")}
-    assert {a: until_eos(got[a], eos) for a in want} == want
+    want = genai_equals_session(genai, ia3_exports["llama"][0] / "onnx", (None, "default"))
     assert want["default"] != want[None]
+
+
+def test_ia3_bank_rows_equal_each_adapter_alone_and_grow_with_bank_add(tmp_path):
+    """A bank of IA3 adapters: each row of one batch runs its own vectors (slot 0 ones: the base), equal to that
+    adapter's own export run alone; `surgeon bank add` appends a third; check proves slots equal the files."""
+    import numpy as np
+
+    from surgeon.onnx.decoding import empty_past
+    from surgeon.onnx.export import export_onnx
+    from surgeon.onnx.runtime import AdapterSession
+    from surgeon.workflows.checks import run_checks
+    from tests.conftest import run_cli
+
+    ours, _ = twins("llama")
+    torch.manual_seed(4)
+    ours.add_adapter("other", surgeon.IA3Config(target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"],
+                                                init_ia3_weights=False))
+    ours.add_adapter("third", surgeon.IA3Config(target_modules=["v_proj"], feedforward_modules=[],
+                                                init_ia3_weights=False))
+    ours.eval().save_pretrained(tmp_path / "ad", selected_adapters=["third"])
+    bank = export_onnx(ours, tmp_path / "bank", ["default", "other"], kv_cache=True, bank=True)
+    alone = export_onnx(ours, tmp_path / "alone", ["default", "other", "third"], kv_cache=True)
+    ids = batch("llama", b=3, s=7, seed=12)["input_ids"].numpy()
+    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids), "position_ids": np.tile(np.arange(7), (3, 1)),
+             **empty_past(AdapterSession(bank).generation, 3)}
+    rows = [None, "default", "other"]
+    got = AdapterSession(bank).run(feeds, adapters=rows)["logits"]
+    single = AdapterSession(alone)
+    for i, name in enumerate(rows):
+        want = single.run({k: v[i:i + 1] for k, v in feeds.items()}, adapter=name)["logits"]
+        assert np.abs(got[i:i + 1] - want).max() <= 1e-4, name
+    report = run_checks(bank)
+    assert report.passed and any(c.name == "bank" and c.passed for c in report.checks), report.text()
+    added = run_cli("bank", "add", bank, tmp_path / "ad" / "third", "--name", "third")
+    assert added.returncode == 0, added.stderr
+    grown = AdapterSession(bank).run(feeds, adapters=["third", None, "default"])["logits"]
+    assert np.abs(grown[0:1] - single.run({k: v[:1] for k, v in feeds.items()}, adapter="third")["logits"]).max() <= 1e-4
+    assert run_checks(bank).passed

@@ -8,7 +8,7 @@ import torch
 from transformers import Trainer, TrainingArguments
 
 import surgeon
-from tests.conftest import ARCHS, batch, make_base
+from tests.conftest import ARCHS, batch, loss_curve, make_base
 
 
 def twins(name: str, **cfg):
@@ -45,19 +45,7 @@ def test_trainable_parameter_line_equals_peft(name, capsys):
 @pytest.mark.parametrize("name", ["gpt2", "llama", "bert"])
 def test_plain_loop_loss_curve_equals_peft(name):
     ours, theirs = twins(name, lora_dropout=0.0, modules_to_save=None)
-    losses = []
-    for model in (ours, theirs):
-        torch.manual_seed(0)
-        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-        model.train()
-        curve = []
-        for step in range(5):
-            loss = model(**batch(name, b=3, s=10, seed=step, pad_left=2)).loss
-            loss.backward()
-            opt.step()
-            opt.zero_grad()
-            curve.append(loss.item())
-        losses.append(curve)
+    losses = [loss_curve(model, name, steps=5, pad_left=2) for model in (ours, theirs)]
     assert losses[0] == pytest.approx(losses[1], abs=2e-5), losses
 
 

@@ -1,6 +1,8 @@
 """Prompt tuning (``PromptTuningConfig``) against real PEFT on the same base: logits, loss and the prompt's gradient
 (<= 1e-5, with left padding), a 10-step loss curve, the parameter line, PEFT's files both ways
-(``prompt_embeddings``), TEXT initialisation, greedy generation, and named refusals. GPT-2 and Llama."""
+(``prompt_embeddings``), TEXT initialisation, greedy generation, and named refusals; the ONNX export with the
+virtual tokens as a switchable input (ORT vs torch <= 1e-4, generation equal, check catches an altered prompt).
+GPT-2 and Llama."""
 
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ import torch
 
 import surgeon
 from surgeon.errors import AdapterError, ConfigError
-from tests.conftest import batch, make_base
+from tests.conftest import batch, loss_curve, make_base, seeded
 
 NAMES = ["gpt2", "llama"]
 
@@ -27,10 +29,6 @@ def twins(name: str, n: int = 4, **cfg):
     return ours, theirs
 
 
-def _seeded(model, **kw):
-    torch.manual_seed(5)  # the base's own dropout (GPT-2's) draws the same masks in both tools
-    return model(**kw)
-
 
 @pytest.mark.parametrize("name", NAMES)
 def test_prompt_tuning_logits_loss_and_gradient_equal_peft(name, capsys):
@@ -38,10 +36,10 @@ def test_prompt_tuning_logits_loss_and_gradient_equal_peft(name, capsys):
     ours.train(), theirs.train()
     b = batch(name, b=3, s=8, seed=4, pad_left=2)
     x = {k: v for k, v in b.items() if k != "labels"}
-    got_logits = _seeded(ours, **x).logits
+    got_logits = seeded(ours, **x).logits
     assert got_logits.shape[1] == 4 + 8  # the virtual positions are in the output, as in PEFT
-    assert (got_logits - _seeded(theirs, **x).logits).abs().max() <= 1e-5
-    got, want = _seeded(ours, **b), _seeded(theirs, **b)
+    assert (got_logits - seeded(theirs, **x).logits).abs().max() <= 1e-5
+    got, want = seeded(ours, **b), seeded(theirs, **b)
     assert abs(got.loss.item() - want.loss.item()) <= 1e-5
     got.loss.backward()
     want.loss.backward()
@@ -60,19 +58,7 @@ def test_prompt_tuning_logits_loss_and_gradient_equal_peft(name, capsys):
 @pytest.mark.parametrize("name", NAMES)
 def test_prompt_tuning_loss_curve_equals_peft(name):
     ours, theirs = twins(name)
-    curves = []
-    for model in (ours, theirs):
-        torch.manual_seed(0)
-        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-2)
-        model.train()
-        curve = []
-        for step in range(10):
-            loss = model(**batch(name, b=3, s=10, seed=step)).loss
-            loss.backward()
-            opt.step()
-            opt.zero_grad()
-            curve.append(loss.item())
-        curves.append(curve)
+    curves = [loss_curve(model, name, lr=5e-2) for model in (ours, theirs)]
     assert curves[0] == pytest.approx(curves[1], abs=2e-5), curves
     assert curves[0][-1] < curves[0][0]
 
@@ -134,6 +120,8 @@ def test_prompt_tuning_refusals(tmp_path):
         surgeon.PromptTuningConfig(task_type="CAUSAL_LM")
     with pytest.raises(ConfigError, match="tokenizer_name_or_path"):
         surgeon.PromptTuningConfig(num_virtual_tokens=4, prompt_tuning_init="TEXT", prompt_tuning_init_text="hi")
+    with pytest.raises(ConfigError, match="CAUSAL_LM"):
+        surgeon.PromptTuningConfig(num_virtual_tokens=4, task_type="SEQ_CLS")
     with pytest.raises(ConfigError, match="RANDOM"):
         surgeon.PromptTuningConfig(num_virtual_tokens=4, prompt_tuning_init="RANDOMLY")
     ours, _ = twins("llama")
@@ -146,8 +134,8 @@ def test_prompt_tuning_refusals(tmp_path):
         ours.merge_and_unload()
     with pytest.raises(AdapterError, match="one method per model"):
         ours.add_adapter("lora", surgeon.LoraConfig(target_modules=["q_proj"]))
-    with pytest.raises(AdapterError, match="not supported yet"):
-        surgeon.export_onnx(ours, tmp_path / "onnx")
+    with pytest.raises(AdapterError, match="export switchable only"):
+        surgeon.export_onnx(ours, tmp_path / "onnx", merged=True)
     assert not (tmp_path / "onnx").exists()
 
 
@@ -163,5 +151,73 @@ def test_cli_trains_and_inspects_prompt_tuning_and_refuses_lora_options(tmp_path
     assert loaded.adapter_state.prompts().adapters["default"].shape == (4, 128)
     wrong = run_cli("inject", "tiny-gpt2", "--method", "prompt", "-r", "4", "--dry-run")
     assert wrong.returncode == 2 and "--rank: not an option of --method prompt" in wrong.stderr
-    export = run_cli("export", "tiny-gpt2", tmp_path / "ad", "-o", tmp_path / "onnx")
-    assert export.returncode == 2 and "not supported yet" in export.stderr and not (tmp_path / "onnx").exists()
+    export = run_cli("export", "tiny-gpt2", tmp_path / "ad", "-o", tmp_path / "m", "--merged")
+    assert export.returncode == 2 and "switchable only" in export.stderr and not (tmp_path / "m").exists()
+
+
+# ---- ONNX: the virtual tokens as a switchable input, fed on the prefill only -----------------------------------------
+@pytest.fixture(scope="module")
+def prompt_exports(tmp_path_factory):
+    from surgeon.onnx.export import export_onnx
+
+    out = {}
+    for name in NAMES:
+        root = tmp_path_factory.mktemp(f"prompt-{name}")
+        ours, _ = twins(name)
+        make_base(name).save_pretrained(root / "base")
+        ours.save_pretrained(root / "ad")
+        with torch.no_grad():
+            ours.adapter_state.prompts().adapters["default"].mul_(1.2)
+        ours.save_pretrained(root / "altered")
+        ours = surgeon.PeftModel.from_pretrained(make_base(name), root / "ad").eval()
+        export_onnx(ours, root / "onnx", kv_cache=True, source=str(root / "base"),
+                    adapter_sources={"default": str(root / "ad")})
+        out[name] = (root, ours)
+    return out
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_prompt_onnx_export_equals_torch_and_generates_its_tokens(prompt_exports, name):
+    import json
+
+    import numpy as np
+
+    from surgeon.onnx.decoding import empty_past
+    from surgeon.onnx.runtime import AdapterSession
+
+    root, ours = prompt_exports[name]
+    manifest = json.loads((root / "onnx" / "manifest.json").read_text())
+    assert manifest["prompt"] == {"input": "prompt_embeddings", "tokens": {"default": 4}}
+    assert manifest["genai"]["config"] is None and "prompt tuning" in manifest["genai"]["why"]
+    session = AdapterSession(root / "onnx")
+    for b, s in ((1, 5), (2, 9)):
+        ids = batch(name, b=b, s=s, seed=b + s)["input_ids"]
+        mask = np.ones((b, 4 + s), np.int64)
+        feeds = {"input_ids": ids.numpy(), "attention_mask": mask, "position_ids": np.tile(np.arange(4 + s), (b, 1)),
+                 **empty_past(session.generation, b)}
+        got = session.run(feeds, adapter="default")["logits"]
+        with torch.no_grad():
+            want = ours(input_ids=ids, attention_mask=torch.ones_like(ids)).logits.numpy()
+        assert got.shape == want.shape and np.abs(got - want).max() <= 1e-4
+        plain = {**feeds, "attention_mask": mask[:, 4:], "position_ids": feeds["position_ids"][:, :s]}
+        with torch.no_grad(), ours.disable_adapter():
+            base = ours(input_ids=ids, attention_mask=torch.ones_like(ids)).logits.numpy()
+        assert np.abs(session.run(plain)["logits"] - base).max() <= 1e-4  # nothing fed: the base model
+    x = batch(name, b=2, s=6, seed=2, pad_left=2)  # left padding: positions from the mask, as transformers'
+    with torch.no_grad():
+        want = ours.generate(input_ids=x["input_ids"], attention_mask=x["attention_mask"], max_new_tokens=6,
+                             do_sample=False)
+    got = session.generate(x["input_ids"].numpy(), x["attention_mask"].numpy(), adapter="default", max_new_tokens=6,
+                           eos_token_id=[])
+    assert got.tolist() == want.tolist()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_check_passes_on_a_prompt_export_and_fails_on_an_altered_prompt(prompt_exports, name):
+    from tests.conftest import run_cli
+
+    root, _ = prompt_exports[name]
+    ok = run_cli("check", root / "onnx")
+    assert ok.returncode == 0 and "PASS  adapter[default]_decode_vs_torch" in ok.stdout, ok.stdout
+    bad = run_cli("check", root / "onnx", "--adapter", f"default={root / 'altered'}")
+    assert bad.returncode == 1 and "FAIL  adapter[default]_vs_torch" in bad.stdout, bad.stdout

@@ -156,7 +156,7 @@ def test_methods_section_runs_as_written(tmp_path):
                 if line.strip()]
     assert [shlex.split(c)[1] for c in commands] == ["train", "inspect", "export", "check",
                                                           "inject", "train", "export", "check",
-                                                          "train", "inspect", "generate"]
+                                                          "train", "inspect", "generate", "export", "check", "generate"]
     cwd = os.getcwd()
     os.chdir(tmp_path)
     try:
@@ -172,5 +172,6 @@ def test_methods_section_runs_as_written(tmp_path):
     assert "dora=True" in outputs[1] and "0 failed" in outputs[3]
     assert "IA3 on the input" in outputs[4] and "0 failed" in outputs[7]
     assert "num_virtual_tokens=20" in outputs[9] and "Day 12, noon. Wind" in outputs[10]
+    assert "0 failed" in outputs[12] and outputs[13].count("Day 12, noon. Wind") == 2
     namespace = {"__name__": "__readme__", "base": surgeon.load_model("tiny-gpt2")}
     exec(compile(re.findall(r"```python\n(.*?)```", section, re.S)[0], "README.md IA3 block", "exec"), namespace)

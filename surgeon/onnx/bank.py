@@ -37,6 +37,15 @@ def adapter_inputs(adapter_dir: str | os.PathLike, lora_inputs: list[dict], wher
     bank's inputs."""
     config, tensors = read_adapter_dir(adapter_dir)
     known = {lo["path"]: lo for lo in lora_inputs}
+    kind = "IA3" if any("ia3" in lo for lo in lora_inputs) else "LORA"
+    if config.peft_type != kind:
+        raise AdapterError(f"{adapter_dir}: a {config.peft_type} adapter, but {where} is a bank of {kind} adapters; "
+                           "a bank holds one method")
+    if config.use_dora:
+        raise AdapterError(f"{adapter_dir}: a DoRA adapter's scale is taken against the base weights, which `bank "
+                           "add` does not read; re-export the bank with this adapter among the others")
+    if kind == "IA3":
+        return config, _ia3_vectors(adapter_dir, tensors, known, where)
     parts: dict[str, dict[str, np.ndarray]] = {}
     for key, value in tensors.items():
         path, part = parse_peft_key(key)
@@ -61,6 +70,23 @@ def adapter_inputs(adapter_dir: str | os.PathLike, lora_inputs: list[dict], wher
     return config, out
 
 
+def _ia3_vectors(adapter_dir, tensors: dict, known: dict, where: str) -> dict[str, np.ndarray]:
+    out = {}
+    for key, value in tensors.items():
+        path, part = parse_peft_key(key)
+        lo = known.get(path)
+        if part != "L" or lo is None:
+            raise AdapterError(f"{adapter_dir}: {key} has no input in {where}{did_you_mean(path, known)}; re-export the "
+                               "bank with this adapter among the others")
+        vector = value.detach().float().flatten().numpy()
+        size = lo["in"] if lo.get("scales") == "input" else lo["out"]
+        if vector.shape[0] != size:
+            raise AdapterError(f"{adapter_dir}: {key} holds {vector.shape[0]} values, the bank's module takes {size}; "
+                               "this adapter is for another base model")
+        out[path] = vector
+    return out
+
+
 def add_to_bank(export_dir: str | os.PathLike, adapter_dir: str | os.PathLike, name: str) -> dict:
     """Append the PEFT adapter in ``adapter_dir`` to the bank in ``export_dir`` as ``name`` (its new slot).
 
@@ -83,6 +109,15 @@ def add_to_bank(export_dir: str | os.PathLike, adapter_dir: str | os.PathLike, n
     del held
     grown, own, ranks = {}, {}, {}
     for lo in manifest["lora_inputs"]:
+        if "ia3" in lo:  # a vector per slot; where the adapter has none, ones (the base)
+            vector = new.get(lo["path"])
+            fill = vector if vector is not None else np.ones(stacked[lo["ia3"]].shape[1], np.float32)
+            grown[lo["ia3"]] = np.concatenate([stacked[lo["ia3"]], fill[None]])
+            if vector is not None:
+                own[lo["ia3"]] = vector[None]
+            continue
+        if "dora" in lo:  # a plain LoRA adapter in a DoRA bank: g = 1
+            grown[lo["dora"]] = np.concatenate([stacked[lo["dora"]], np.ones((1, lo["out"]), np.float32)])
         a_bank, b_bank = stacked[lo["a"]], stacked[lo["b"]]
         slots = [(a_bank[k], b_bank[k]) for k in range(a_bank.shape[0])] + [new.get(lo["path"])]
         grown[lo["a"]], grown[lo["b"]] = stack_slots(slots, lo["in"], lo["out"])
@@ -94,7 +129,7 @@ def add_to_bank(export_dir: str | os.PathLike, adapter_dir: str | os.PathLike, n
     entry = {**bank, "slots": [*bank["slots"], name], "ranks": ranks}
     manifest["bank"] = entry
     manifest["adapters"][name] = {"file": adapter_file(name), "targets": sorted(new),
-                                  "ranks": sorted({a.shape[1] for a, _ in new.values()}),
+                                  "ranks": sorted({v[0].shape[1] for v in new.values() if isinstance(v, tuple)}),
                                   "config": config.to_peft_dict()}
     manifest.setdefault("adapter_sources", {})[name] = str(Path(adapter_dir).resolve())
     os.replace(tmp_own, own_path)

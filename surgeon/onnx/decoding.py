@@ -40,10 +40,13 @@ def check_prompt(input_ids, attention_mask, facts: dict, max_new_tokens: int) ->
 
 
 def decode(run: Run, facts: dict, ids: np.ndarray, mask: np.ndarray, *, max_new_tokens: int, sampling: dict,
-           seed: int | None, eos_token_id, pad_token_id, on_tokens) -> np.ndarray:
-    """Prefill + decode with ``run`` (one session run per step); returns ``[batch, prompt + new]`` token ids.
+           seed: int | None, eos_token_id, pad_token_id, on_tokens, prefix: int = 0) -> np.ndarray:
+    """Prefill + decode with ``run`` (one session run per step, ``run(feeds, first)``); returns
+    ``[batch, prompt + new]`` token ids.
 
     ``sampling`` (do_sample, temperature, top_k, top_p) was checked by the caller (``surgeon.sampling``).
+    ``prefix``: a prompt-tuning adapter's virtual tokens, which the graph puts in front on the prefill: the mask
+    and the prefill's positions cover them too.
     """
     eos = set(facts.get("eos_token_id") or []) if eos_token_id is None else set(np.atleast_1d(eos_token_id).tolist())
     pad = pad_token_id if pad_token_id is not None else facts.get("pad_token_id")
@@ -54,10 +57,12 @@ def decode(run: Run, facts: dict, ids: np.ndarray, mask: np.ndarray, *, max_new_
     past = empty_past(facts, batch)
     tokens, step_ids = ids, ids
     done = np.zeros(batch, dtype=bool)
-    for _ in range(max_new_tokens):
-        seq = step_ids.shape[1]
+    if prefix:
+        mask = np.concatenate([np.ones((batch, prefix), mask.dtype), mask], axis=1)
+    for step in range(max_new_tokens):
+        seq = step_ids.shape[1] + (prefix if step == 0 else 0)
         positions = np.where(mask == 0, 1, np.cumsum(mask, axis=1) - 1)[:, -seq:]
-        out = run({"input_ids": step_ids, "attention_mask": mask, "position_ids": positions, **past})
+        out = run({"input_ids": step_ids, "attention_mask": mask, "position_ids": positions, **past}, step == 0)
         nxt = pick_tokens(out[LOGITS][:, -1, :].astype(np.float32), rng, **sampling)
         nxt = np.where(done, pad, nxt)
         done |= np.isin(nxt, list(eos)) if eos else False

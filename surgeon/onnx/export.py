@@ -26,9 +26,10 @@ from surgeon.capturing import example_inputs
 from surgeon.capturing.decoder import decode_example
 from surgeon.errors import AdapterError, ModelNotFoundError, QuantizationError
 from surgeon.hub import copy_tokenizer_files, model_dir, write_model_config
-from surgeon.names import (ADAPTER_IDS, DECODER_INPUTS, GENAI_CONFIG, LOGITS, MODEL_FILE, past_names,
+from surgeon.names import (ADAPTER_IDS, DECODER_INPUTS, GENAI_CONFIG, LOGITS, MODEL_FILE, PROMPT_KEY, past_names,
                            present_names)
 from surgeon.onnx.genai import write_genai_config
+from surgeon.onnx.prompt import add_prompt_input
 from surgeon.onnx.int4 import Int4Spec, quantize_int4
 from surgeon.onnx.writing import generation_facts, save_model, write_adapters, write_bank, write_manifest
 from surgeon.outputs import write_dir_atomically
@@ -89,17 +90,14 @@ def export_onnx(model, out_dir: str | os.PathLike, adapters: list[str] | None = 
     if merged and len(names) != 1:
         raise AdapterError(f"--merged folds exactly one adapter; got {len(names)} ({', '.join(names)})")
     prompts = [rename.get(n, n) for n in names if model.peft_config[n].peft_type == "PROMPT_TUNING"]
-    if prompts:
-        raise AdapterError(f"ONNX export of prompt-tuning adapters ({', '.join(prompts)}) is not supported yet: the "
-                           "virtual tokens would have to enter the prefill only and shift every position")
+    if prompts and (merged or bank or int4):
+        raise AdapterError(f"prompt-tuning adapters ({', '.join(prompts)}) export switchable only: their virtual "
+                           "tokens are an input, with nothing to merge; drop --merged / --bank / --int4")
     ia3 = [rename.get(n, n) for n in names if model.peft_config[n].peft_type == "IA3"]
-    if ia3 and (bank or int4) and not merged:
-        raise AdapterError(f"{'--bank' if bank else '--int4'} with IA3 adapters ({', '.join(ia3)}) is not supported "
-                           "yet: export them without it (each switches per run), or --merged")
+    if ia3 and int4 and not merged:
+        raise AdapterError(f"--int4 with IA3 adapters ({', '.join(ia3)}) is not supported yet: export them without "
+                           "it (each switches per run), or --merged --int4")
     dora = [rename.get(n, n) for n in names if model.peft_config[n].use_dora]
-    if dora and bank:
-        raise AdapterError(f"--bank with DoRA adapters ({', '.join(dora)}) is not supported yet: export them without "
-                           "--bank (each switches per run), or --merged")
     if dora and int4 and not merged:
         raise AdapterError(f"--int4 with switchable DoRA adapters ({', '.join(dora)}) is not supported yet: their "
                            "scale is taken against the float weight; export with --merged --int4 instead")
@@ -123,6 +121,12 @@ def export_onnx(model, out_dir: str | os.PathLike, adapters: list[str] | None = 
         if int4:
             extra["int4"] = quantize_int4(tmp / MODEL_FILE, int4, {n for lo in loras for n in lo.names},
                                           _linear_weights(model.base))
+        if prompts:  # the virtual tokens as an input of the base graph (surgeon.onnx.prompt)
+            proto = onnx.load(str(tmp / MODEL_FILE), load_external_data=False)
+            add_prompt_input(proto)
+            onnx.save(proto, str(tmp / MODEL_FILE))
+            extra["prompt"] = {"input": PROMPT_KEY, "tokens": {rename.get(n, n): model.peft_config[n].num_virtual_tokens
+                                                               for n in names}}
         written = {} if merged else write_adapters(model, names, loras, tmp, rename, bank=bank)
         if bank:
             extra["bank"] = write_bank(model, names, loras, tmp, rename)
@@ -132,7 +136,8 @@ def export_onnx(model, out_dir: str | os.PathLike, adapters: list[str] | None = 
         if layout is not None:
             extra["generation"] = generation_facts(model.base, layout)
             proto = onnx.load(str(tmp / MODEL_FILE), load_external_data=False)
-            why = write_genai_config(tmp, proto, extra["generation"], MODEL_FILE, bits)
+            why = "prompt tuning: onnxruntime-genai would feed the virtual tokens at every step and leave them out of " \
+                "its position ids" if prompts else write_genai_config(tmp, proto, extra["generation"], MODEL_FILE, bits)
             extra["genai"] = {"config": GENAI_CONFIG} if why is None else {"config": None, "why": why}
         write_manifest(tmp, model, loras, written, merged=rename.get(names[0], names[0]) if merged else None,
                        source=source, tokenizer=bool(copied), kv_cache=kv_cache, extra=extra)
@@ -215,18 +220,20 @@ def _to_onnx(graph, call: dict[str, Any], feed: InputFeed | None, past: list | N
     slots = Dim("adapter_slots")
     for i, lo in enumerate(loras):
         rank = Dim(f"lora_r_{i}")
-        if lo.ia3:  # one vector, default ones
-            args.append(torch.ones(lo.ia3_size))
-            shapes.append({})
-        elif bank:
+        if lo.ia3:  # one vector, default ones (a bank: one per slot)
+            args.append(torch.ones(2, lo.ia3_size) if bank else torch.ones(lo.ia3_size))
+            shapes.append({0: slots} if bank else {})
+            input_names += lo.names
+            continue
+        if bank:
             args += [torch.zeros(2, lo.in_features, 2), torch.zeros(2, 2, lo.out_features)]
             shapes += [{0: slots, 2: rank}, {0: slots, 1: rank}]
         else:
             args += [torch.zeros(lo.in_features, 2), torch.zeros(2, lo.out_features)]
             shapes += [{1: rank}, {0: rank}]
         if lo.dora:
-            args.append(torch.ones(lo.out_features))
-            shapes.append({})
+            args.append(torch.ones(2, lo.out_features) if bank else torch.ones(lo.out_features))
+            shapes.append({0: slots} if bank else {})
         input_names += lo.names
     wrapper = _Wrapper(graph, tuple(input_names[: len(names)]), loras, feed or InputFeed(), consts, past is not None,
                        bank)

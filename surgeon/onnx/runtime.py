@@ -154,7 +154,7 @@ class AdapterSession:
                 bad.append(f"{key}: {list(shape)} vs model {list(want)}")
                 continue
             module, part = parse_onnx_input(key)
-            if part in ("G", "L"):  # DoRA's factor, an (IA)^3 vector: fixed shapes, checked above
+            if part in ("G", "L", "P"):  # DoRA's factor, an (IA)^3 vector, a prompt: no rank to agree on
                 continue
             ranks.setdefault(module, {})[part] = shape[-1] if part == "A" else shape[-2]  # a bank's lead with slots
         bad += [f"{m}: rank {r.get('A')} in lora_A but {r.get('B')} in lora_B"
@@ -225,9 +225,11 @@ class AdapterSession:
         else:
             weights = self._adapter_values(adapter, device) if adapter is not None else {}
 
-        def run(feeds: dict) -> dict:
+        prompt = self.prompt_tokens.get(adapter, 0)
+
+        def run(feeds: dict, first: bool = True) -> dict:
             binding = self.session.io_binding()
-            for name, value in weights.items():
+            for name, value in (weights.items() if first or not prompt else ()):  # a prompt enters the prefill only
                 binding.bind_ortvalue_input(name, value)
             held = []  # bind_cpu_input keeps a pointer, not the array: hold the contiguous copies until the run ends
             for name, value in feeds.items():
@@ -275,4 +277,9 @@ class AdapterSession:
             self.adapter(adapter)  # unknown names fail here, before any work
         return decode(self._step(adapter, slots), facts, ids, mask, max_new_tokens=max_new_tokens,
                       sampling=sampling, seed=seed, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
-                      on_tokens=on_tokens)
+                      on_tokens=on_tokens, prefix=self.prompt_tokens.get(adapter, 0))
+
+    @property
+    def prompt_tokens(self) -> dict[str, int]:
+        """Prompt-tuning adapters -> their number of virtual tokens (the manifest's ``prompt``)."""
+        return dict((self.manifest.get("prompt") or {}).get("tokens") or {})

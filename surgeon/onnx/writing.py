@@ -21,6 +21,7 @@ from surgeon.names import (
     MANIFEST,
     MANIFEST_FORMAT,
     MODEL_FILE,
+    PROMPT_KEY,
     adapter_file,
     onnx_dora_name,
     onnx_input_names,
@@ -51,7 +52,7 @@ def save_model(program, path: Path, loras: tuple[LoraInput, ...], base, kv_layer
     slot = [1] if bank else []
     for lo in loras:
         if lo.ia3:  # ones: the base weight as it is
-            proto.graph.initializer.append(helper.make_tensor(lo.names[0], TensorProto.FLOAT, [lo.ia3_size],
+            proto.graph.initializer.append(helper.make_tensor(lo.names[0], TensorProto.FLOAT, slot + [lo.ia3_size],
                                                               [1.0] * lo.ia3_size))
             continue
         name_a, name_b = onnx_input_names(lo.path)
@@ -59,7 +60,7 @@ def save_model(program, path: Path, loras: tuple[LoraInput, ...], base, kv_layer
         proto.graph.initializer.append(helper.make_tensor(name_b, TensorProto.FLOAT, slot + [0, lo.out_features], []))
         if lo.dora:  # g = 1: the base weight's own scale
             proto.graph.initializer.append(helper.make_tensor(onnx_dora_name(lo.path), TensorProto.FLOAT,
-                                                              [lo.out_features], [1.0] * lo.out_features))
+                                                              slot + [lo.out_features], [1.0] * lo.out_features))
     if bank:
         _broadcast_adapter_ids(proto)
         proto.graph.initializer.append(helper.make_tensor(ADAPTER_IDS, TensorProto.INT64, [1], [0]))
@@ -130,14 +131,21 @@ def write_bank(model, names: list[str], loras: tuple[LoraInput, ...], out: Path,
     """``adapters/bank.onnx_adapter``: per target A [slots, in, R] and B [slots, R, out], slot 0 zeros (the base),
     slot k the k-th adapter (scale in B), every rank zero-padded to the target's largest (exact); targets an adapter
     lacks are zeros in its slot. Returns the manifest's ``bank`` entry."""
-    layers = {layer.path: layer for layer in model.adapter_state.lora_layers()}
+    layers = {layer.path: layer for layer in model.adapter_state.lora_layers() + model.adapter_state.ia3_layers()}
     arrays, ranks = {}, {}
     for lo in loras:
         layer = layers[lo.path]
-        parts = [None] + [tuple(t.numpy() for t in adapter_tensors(layer, n)) if n in layer.adapters else None
+        parts = [None] + [adapter_tensors(layer, n, _base_weight(model, lo)) if n in layer.adapters else None
                           for n in names]
+        if lo.ia3 or lo.dora:  # slot 0 and adapters without a vector there: ones, the base
+            size = lo.ia3_size if lo.ia3 else lo.out_features
+            arrays[lo.names[-1]] = np.stack([p[-1].numpy() if p is not None and len(p) in (1, 3) else np.ones(size,
+                                             np.float32) for p in parts])
+        if lo.ia3:
+            continue
         name_a, name_b = onnx_input_names(lo.path)
-        arrays[name_a], arrays[name_b] = stack_slots(parts, lo.in_features, lo.out_features)
+        arrays[name_a], arrays[name_b] = stack_slots([p and (p[0].numpy(), p[1].numpy()) for p in parts],
+                                                     lo.in_features, lo.out_features)
         ranks[lo.path] = arrays[name_a].shape[2]
     write_adapter_file(out / BANK_FILE, arrays)
     return {"file": BANK_FILE, "input": ADAPTER_IDS, "slots": [None] + [rename.get(n, n) for n in names],
@@ -152,19 +160,23 @@ def write_adapters(model, names: list[str], loras: tuple[LoraInput, ...], out: P
     (out / ADAPTER_DIR).mkdir(parents=True, exist_ok=True)
     layers = {layer.path: layer for layer in model.adapter_state.lora_layers() + model.adapter_state.ia3_layers()}
     written = {}
+    prompts = model.adapter_state.prompts()
     for name in names:
         params, targets, ranks = {}, [], set()
+        if prompts is not None and name in prompts.adapters:  # prompt tuning: the virtual tokens [n, dim]
+            params[PROMPT_KEY] = prompts.adapters[name].detach().float().contiguous().numpy()
         for lo in loras:
             layer = layers[lo.path]
             if name not in layer.adapters:
                 continue  # that module keeps its rank-0 default: no change there
             if lo.ia3:
-                params[lo.names[0]] = adapter_tensors(layer, name)[0].numpy()
+                vector = adapter_tensors(layer, name)[0]
+                params[lo.names[0]] = (vector[None] if bank else vector).numpy()  # a bank's file: one slot
                 targets.append(lo.path)
                 continue
             a, b, *g = adapter_tensors(layer, name, _base_weight(model, lo))
             if bank:
-                a, b = a.unsqueeze(0), b.unsqueeze(0)
+                a, b, g = a.unsqueeze(0), b.unsqueeze(0), [t.unsqueeze(0) for t in g]
             name_a, name_b = onnx_input_names(lo.path)
             params[name_a], params[name_b] = a.numpy(), b.numpy()
             if g:

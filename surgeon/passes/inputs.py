@@ -63,10 +63,17 @@ class InputLora(nn.Module):
     def forward(self, x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor | None = None,
                 bias: torch.Tensor | None = None) -> torch.Tensor:
         a, b, *g = self.feed.tensors[self.path]
+        ids = self.feed.ids
+        if g and ids is not None:  # a DoRA bank: g [slots, out], each row its slot's, on [rows, -1, out] views
+            rows = ids.shape[0]
+            yr = y.reshape(rows, -1, y.shape[-1])
+            gr = g[0].index_select(0, ids)[:, None, :]
+            base = yr if bias is None else yr - bias
+            return (yr + (gr - 1) * base + gr * self._bank(x, a, b, ids).to(y.dtype)).reshape(y.shape)
         if g:  # DoRA (weight only marks the site: g was worked out from it when the adapter was written)
             base = y if bias is None else y - bias
             return y + (g[0] - 1) * base + g[0] * ((x.to(a.dtype) @ a) @ b).to(y.dtype)
-        if self.feed.ids is not None:
+        if ids is not None:
             return y + self._bank(x, a, b, self.feed.ids).reshape(y.shape).to(y.dtype)
         if self.kind == "embedding":
             return y + (F.embedding(x, a) @ b).to(y.dtype)
@@ -93,9 +100,13 @@ class InputIA3(nn.Module):
 
     def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         (vector,) = self.feed.tensors[self.path]
-        if self.feedforward:
-            return (x.to(vector.dtype) * vector).to(x.dtype)
-        return (y * vector).to(y.dtype)
+        t = x if self.feedforward else y
+        ids = self.feed.ids
+        if ids is not None:  # a bank: vectors [slots, size], each row its slot's
+            rows = ids.shape[0]
+            scaled = t.to(vector.dtype).reshape(rows, -1, t.shape[-1]) * vector.index_select(0, ids)[:, None, :]
+            return scaled.reshape(t.shape).to(t.dtype)
+        return (t.to(vector.dtype) * vector).to(t.dtype)
 
 
 def lora_as_inputs(gm: fx.GraphModule, feed: InputFeed) -> tuple[fx.GraphModule, tuple[LoraInput, ...]]:

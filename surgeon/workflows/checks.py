@@ -17,6 +17,7 @@ import torch
 
 from surgeon.errors import ExportFileError, did_you_mean
 from surgeon.model import SurgeonModel
+from surgeon.workflows.prompt_check import prompt_logits, with_virtual
 from surgeon.jsonfile import read_json
 from surgeon.names import ADAPTER_IDS, GENAI_CONFIG, LOGITS, MANIFEST, past_of_present
 from surgeon.onnx.decoding import empty_past
@@ -114,7 +115,7 @@ def _structure(out_dir: Path, manifest: dict, report: Report) -> bool:
     for lo in manifest.get("lora_inputs", []):
         if "ia3" in lo:  # an (IA)^3 vector's default: ones, the base
             size = lo["in"] if lo.get("scales") == "input" else lo["out"]
-            if inits.get(lo["ia3"]) != [size]:
+            if inits.get(lo["ia3"]) != slot + [size]:
                 missing.append(lo["path"])
         elif inits.get(lo["a"]) != slot + [lo["in"], 0] or inits.get(lo["b"]) != slot + [0, lo["out"]]:
             missing.append(lo["path"])
@@ -214,16 +215,17 @@ def _compare(manifest: dict, session: AdapterSession, ref, adapter: str | None, 
     run_adapter = None if manifest.get("merged_adapter") else adapter
     worst = step_worst = scale = 0.0
     bad: list[str] = []
+    n = session.prompt_tokens.get(run_adapter, 0)  # a prompt-tuning adapter's virtual tokens (prompt_check.py)
     for b, s in ((1, 7), (3, 12)):
-        feeds = _feeds(getattr(ref, "base", ref).config, session.input_names, b, s, causal)
+        feeds = with_virtual(_feeds(getattr(ref, "base", ref).config, session.input_names, b, s, causal), n)
         out = session.run({**feeds, **empty_past(manifest["generation"], b)} if kv else feeds, adapter=run_adapter)
         bad += [f"ORT {k} at {b}x{s}" for k, v in out.items() if not np.isfinite(v).all()]
-        want = _torch_logits(ref, feeds, adapter)
+        want = prompt_logits(ref, feeds, adapter) if n else _torch_logits(ref, feeds, adapter)
         bad += [f"torch logits at {b}x{s}"] if not np.isfinite(want).all() else []
         scale = max(scale, float(np.abs(want).max()))
         worst = max(worst, _max_diff(out[LOGITS], want, feeds["attention_mask"]))
         if kv:
-            step_worst = max(step_worst, _decode_step_diff(session, ref, feeds, out, run_adapter, adapter))
+            step_worst = max(step_worst, _decode_step_diff(session, ref, feeds, out, run_adapter, adapter, n))
     tol, how = report.atol, f"atol {report.atol:g}"
     if rtol is not None:  # int4: a tolerance relative to the logits' scale
         what = "the float model" if label.endswith("_float") else "its dequantized 4-bit weights"
@@ -252,18 +254,18 @@ def _finite_or_none(x: float) -> float | None:
     return x if math.isfinite(x) else None
 
 
-def _decode_step_diff(session: AdapterSession, ref, feeds: dict, prefill: dict, run_adapter, adapter) -> float:
-    """Feed one more token with the prefill's presents; compare with torch on the whole sequence, last position."""
+def _decode_step_diff(session: AdapterSession, ref, feeds: dict, prefill: dict, run_adapter, adapter, n: int) -> float:
+    """One more token on the prefill's presents (a prompt enters the prefill only) against torch on the whole."""
     b = feeds["input_ids"].shape[0]
     token = np.full((b, 1), 5, np.int64)
     mask = np.concatenate([feeds["attention_mask"], np.ones((b, 1), np.int64)], axis=1)
     feeds_for = past_of_present(session.generation["layers"])
     past = {feeds_for[k]: v for k, v in prefill.items() if k in feeds_for}
     step = {"input_ids": token, "attention_mask": mask, "position_ids": np.cumsum(mask, 1)[:, -1:] - 1, **past}
-    got = session.run(step, adapter=run_adapter)[LOGITS][:, -1]
+    got = session.run(step, adapter=None if n else run_adapter)[LOGITS][:, -1]
     whole = {"input_ids": np.concatenate([feeds["input_ids"], token], axis=1), "attention_mask": mask,
              "position_ids": np.clip(np.cumsum(mask, 1) - 1, 0, None)}
-    want = _torch_logits(ref, whole, adapter)[:, -1]
+    want = (prompt_logits(ref, whole, adapter) if n else _torch_logits(ref, whole, adapter))[:, -1]
     diff = np.abs(got.astype(np.float64) - want.astype(np.float64))
     return float(diff.max()) if np.isfinite(diff).all() else math.inf
 
