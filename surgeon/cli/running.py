@@ -81,6 +81,9 @@ def friendly(fn):
             fail(str(err), 2)
         except KeyboardInterrupt:
             fail("interrupted; nothing was written", 130)
+        except BrokenPipeError:  # the reader went away (`surgeon inspect DIR | head`): no traceback, no error line
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the flush at exit must not fail again
+            raise SystemExit(1) from None
         except Exception as err:
             if os.environ.get("SURGEON_DEBUG"):
                 raise
