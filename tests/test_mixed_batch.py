@@ -306,3 +306,50 @@ def test_genai_runs_a_bank_export_with_each_adapter_file(banks, genai):
     for adapter in (None, "default", "second", "third"):
         want = session_new_tokens(session, prompts, adapter, 8, PAD)
         assert until_eos(got[adapter], eos) == until_eos(want, eos), adapter
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_continuous_batching_gives_each_request_its_tokens_alone(banks, name):
+    """Requests of different adapters, prompt lengths, limits and sampling join a running batch at token boundaries
+    (at most 3 rows at a time) and leave when done; each one's tokens equal AdapterSession.generate on it alone."""
+    from surgeon.onnx.batching import Batcher, Request
+
+    session = AdapterSession(banks(name))
+    rng = np.random.default_rng(7)
+    requests = [Request(rng.integers(3, V, n).tolist(), adapter, max_new_tokens=k, eos_token_id=[], **sampling)
+                for n, adapter, k, sampling in (
+                    (5, "default", 6, {}), (2, None, 9, {}), (7, "second", 3, {}),
+                    (4, "third", 7, {"do_sample": True, "top_k": 20, "temperature": 0.8, "seed": 3}),
+                    (6, "default", 1, {}), (3, "second", 8, {"do_sample": True, "top_p": 0.9, "seed": 11}))]
+    batcher = Batcher(session, max_batch=3)
+    batcher.submit(requests[0])
+    batcher.submit(requests[1])
+    batcher.step()
+    batcher.step()  # two rows running, two tokens each: the next ones join mid-flight
+    for request in requests[2:]:
+        batcher.submit(request)
+    widths = []
+    while batcher.waiting or batcher.rows:
+        batcher.step()
+        widths.append(len(batcher.rows))
+    assert max(widths) == 3 and all(r.done for r in requests)
+    for r in requests:
+        alone = session.generate(np.array([r.ids]), adapters=[r.adapter], max_new_tokens=r.max_new_tokens,
+                                 eos_token_id=[], do_sample=r.do_sample, temperature=r.temperature, top_k=r.top_k,
+                                 top_p=r.top_p, seed=r.seed)
+        assert r.tokens == alone[0, len(r.ids):].tolist(), (r.adapter, r.ids)
+
+
+def test_continuous_batching_refuses_by_name(banks, models, tmp_path):
+    from surgeon.onnx.batching import Batcher, Request
+
+    batcher = Batcher(AdapterSession(banks("llama")))
+    with pytest.raises(AdapterError, match="thrid"):
+        batcher.submit(Request([5, 6], "thrid"))
+    with pytest.raises(AdapterError, match="context"):
+        batcher.submit(Request([5] * 60, None, max_new_tokens=10))
+    with pytest.raises(surgeon.errors.GenerationArgumentError, match="temperature"):
+        batcher.submit(Request([5, 6], None, do_sample=True, temperature=-1.0))
+    plain = export_onnx(models("llama")[1], tmp_path / "plain", adapters=["default"], kv_cache=True)
+    with pytest.raises(AdapterError, match="--bank"):
+        Batcher(AdapterSession(plain))

@@ -124,7 +124,7 @@ def test_many_adapters_section_runs_as_written(tmp_path, capsys):
     blocks = re.findall(r"```python\n(.*?)```", section, re.S)
     commands = [line for block in re.findall(r"```bash\n(.*?)```", section, re.S) for line in block.splitlines()
                 if line.strip()]
-    assert len(blocks) == 3 and len(commands) == 2
+    assert len(blocks) == 4 and len(commands) == 2  # torch, two ONNX Runtime blocks, continuous batching
     cwd = os.getcwd()
     os.chdir(tmp_path)
     try:
