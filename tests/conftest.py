@@ -252,3 +252,23 @@ def assert_check_catches(root) -> None:
     bad = run_cli("check", root / "onnx", "--adapter", f"default={root / 'altered'}")
     assert bad.returncode == 1 and "FAIL  adapter[default]_vs_torch" in bad.stdout, bad.stdout
     assert run_cli("check", root / "merged").returncode == 0
+
+
+def files_both_ways(theirs, name: str, tmp_path, inputs: dict):
+    """PEFT saves, surgeon loads with equal logits (<= 1e-5); surgeon saves, PEFT loads with equal logits. Returns
+    (surgeon's loaded model, PEFT's reloaded one) for the caller's checks of the configs."""
+    import peft
+
+    import surgeon
+
+    theirs.eval()
+    with torch.no_grad():
+        want = theirs(**inputs).logits
+    theirs.save_pretrained(tmp_path / "peft")
+    loaded = surgeon.PeftModel.from_pretrained(make_base(name), tmp_path / "peft").eval()
+    loaded.save_pretrained(tmp_path / "ours")
+    back = peft.PeftModel.from_pretrained(make_base(name), tmp_path / "ours").eval()
+    with torch.no_grad():
+        assert (loaded(**inputs).logits - want).abs().max() <= 1e-5
+        assert (back(**inputs).logits - want).abs().max() <= 1e-5
+    return loaded, back

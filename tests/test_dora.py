@@ -80,20 +80,10 @@ def test_dora_loss_curve_equals_peft_with_dropout(name):
 
 @pytest.mark.parametrize("name", ["gpt2", "llama"])
 def test_dora_files_both_ways(name, tmp_path):
-    ours, theirs = twins(name)
-    ours.eval(), theirs.eval()
-    b = batch(name, seed=7)
-    with torch.no_grad():
-        want = theirs(**b).logits
-    theirs.save_pretrained(tmp_path / "peft")
-    loaded = surgeon.PeftModel.from_pretrained(make_base(name), tmp_path / "peft").eval()
-    assert loaded.peft_config["default"].use_dora
-    with torch.no_grad():
-        assert (loaded(**b).logits - want).abs().max() <= 1e-5
-    loaded.save_pretrained(tmp_path / "ours")
-    back = peft.PeftModel.from_pretrained(make_base(name), tmp_path / "ours").eval()
-    with torch.no_grad():
-        assert (back(**b).logits - want).abs().max() <= 1e-5
+    from tests.conftest import files_both_ways
+
+    loaded, back = files_both_ways(twins(name)[1], name, tmp_path, batch(name, seed=7))
+    assert loaded.peft_config["default"].use_dora and back.peft_config["default"].use_dora
 
 
 @pytest.mark.parametrize("name", ["gpt2", "llama"])
