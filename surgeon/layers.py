@@ -22,7 +22,7 @@ class LoraAdapter(nn.Module):
     def __init__(self, kind: str, in_features: int, out_features: int, r: int, scale: float,
                  dropout: float = 0.0, init: bool | str = True, dtype=None, device=None, dora: bool = False):
         super().__init__()
-        self.kind, self.r, self.dropout_p = kind, r, dropout
+        self.kind, self.r = kind, r
         # A tensor, not a float: swapping in an adapter with another alpha/r then recompiles nothing.
         self.register_buffer("scaling", torch.tensor(float(scale), dtype=torch.float32, device=device), persistent=False)
         self.lora_A = nn.Parameter(torch.empty(r, in_features, dtype=dtype, device=device))
@@ -265,8 +265,6 @@ class IA3Layer(nn.Module):
         self.merged: tuple[str, ...] = ()
         self.merged_factors: dict[str, torch.Tensor] = {}  # what each merge multiplied by
         self.enabled = True
-        self.rows = None  # adapter_names is refused for IA3 (adapter_state.check_rows)
-        self.dora = False
 
     def shallow_copy(self) -> IA3Layer:
         new = IA3Layer(self.path, self.kind, self.in_features, self.out_features, self.feedforward)
@@ -276,14 +274,20 @@ class IA3Layer(nn.Module):
         new.merged_factors = dict(self.merged_factors)
         return new
 
-    def scaling(self, names: tuple[str, ...] | None = None) -> torch.Tensor | None:
-        """The product of the active (or named) unmerged adapters' vectors, flat; None when there is none."""
+    def scaling(self) -> torch.Tensor | None:
+        """The product of the active unmerged adapters' vectors, flat; None when there is none."""
         out = None
-        for name in (self.active if names is None else names):
-            if name in self.adapters and (names is not None or name not in self.merged):
+        for name in self.active:
+            if name in self.adapters and name not in self.merged:
                 vector = self.adapters[name].ia3_l.flatten()
                 out = vector if out is None else out * vector
         return out
+
+    def weight_factor(self, vector: torch.Tensor) -> torch.Tensor:
+        """``vector`` shaped to multiply the base weight: along its outputs (rows of Linear's [out, in], columns of
+        Conv1D's [in, out]) or, feed-forward, its inputs."""
+        along_rows = (self.kind == "linear") != self.feedforward
+        return vector.reshape(-1, 1) if along_rows else vector.reshape(1, -1)
 
     def forward(self, x: torch.Tensor, base_out: torch.Tensor | None = None) -> torch.Tensor:
         scale = self.scaling() if self.enabled else None

@@ -31,15 +31,19 @@ SITE_OPS.update({op: ("linear", w, 0) for op, w in QUANT_SITE_OPS.items()})  # q
 _BIAS_ARG = {ATEN.linear.default: 2, ATEN.addmm.default: 0}  # where a float site's bias is, if it has one
 
 
+def site_bias(site: fx.Node) -> fx.Node | None:
+    """The bias argument of a float linear site (``linear(x, W, b)``, GPT-2's ``addmm(b, x, W)``), or None."""
+    b = _BIAS_ARG.get(site.target)
+    return site.args[b] if b is not None and len(site.args) > b else None
+
+
 def branch_args(site: fx.Node, layer) -> tuple:
     """The arguments of a LoRA branch on ``site``: ``(x, y)``, and the site's weight and bias (or None) when
     ``layer`` holds a DoRA adapter (its update depends on them)."""
     x = site.args[SITE_OPS[site.target][2]]
     if not getattr(layer, "dora", False):
         return x, site
-    b = _BIAS_ARG.get(site.target)
-    bias = site.args[b] if b is not None and len(site.args) > b else None
-    return x, site, site.args[SITE_OPS[site.target][1]], bias
+    return x, site, site.args[SITE_OPS[site.target][1]], site_bias(site)
 
 
 SUPPORTED_TYPES = "torch.nn.Linear, transformers Conv1D (GPT-2), torch.nn.Embedding"

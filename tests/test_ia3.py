@@ -43,8 +43,9 @@ def test_ia3_logits_gradients_and_parameter_line_equal_peft(name, capsys):
     b = batch(name, b=3, s=10, seed=4, pad_left=2)
     x = {k: v for k, v in b.items() if k != "labels"}
     assert (seeded(ours, **x).logits - seeded(theirs, **x).logits).abs().max() <= 1e-5
-    with torch.no_grad(), ours.disable_adapter():
-        assert (seeded(ours, **x).logits - seeded(theirs, **x).logits).abs().max() > 1e-4  # the vectors act
+    with torch.no_grad(), ours.disable_adapter():  # the vectors act: off, the logits move by > 1% of their scale
+        base, tuned = seeded(ours, **x).logits, seeded(theirs, **x).logits
+        assert (base - tuned).abs().max() > 1e-2 * tuned.abs().max()
     got, want = seeded(ours, **b), seeded(theirs, **b)
     assert abs(got.loss.item() - want.loss.item()) <= 1e-5
     got.loss.backward()
@@ -188,9 +189,7 @@ def test_cli_inject_and_train_with_method_ia3(tmp_path):
                       "-o", tmp_path / "ad")
     assert trained.returncode == 0, trained.stderr
     assert all(k.endswith(".ia3_l") for k in load_file(tmp_path / "ad" / "adapter_model.safetensors"))
-    exported = run_cli("export", "tiny-gpt2", tmp_path / "ad", "-o", tmp_path / "onnx", "--kv-cache")
-    assert exported.returncode == 0, exported.stderr
-    assert run_cli("check", tmp_path / "onnx").returncode == 0
+    # export + check of a CLI-trained IA3 adapter: README's methods section, run as written (test_readme.py)
     int4 = run_cli("export", "tiny-gpt2", tmp_path / "ad", "-o", tmp_path / "q", "--int4")
     assert int4.returncode == 2 and "IA3" in int4.stderr and not (tmp_path / "q").exists()
 

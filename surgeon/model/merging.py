@@ -52,13 +52,6 @@ def merge(model, names: tuple[str, ...], safe_merge: bool) -> None:
             raise
 
 
-def ia3_axis(layer, vector: torch.Tensor) -> torch.Tensor:
-    """An (IA)^3 vector shaped to scale the base weight: outputs (rows of Linear's [out, in], columns of Conv1D's
-    [in, out]) or, feed-forward, inputs."""
-    along_rows = (layer.kind == "linear") != layer.feedforward
-    return vector.reshape(-1, 1) if along_rows else vector.reshape(1, -1)
-
-
 def merge_ia3(model, names: tuple[str, ...], safe_merge: bool, shared: set[str]) -> None:
     """PEFT's IA3 merge: the weight times the vector (and an output site's bias too), each adapter in turn."""
     plan = []
@@ -77,7 +70,7 @@ def merge_ia3(model, names: tuple[str, ...], safe_merge: bool, shared: set[str])
 
 def _scale_base(model, layer, vector: torch.Tensor, shared: set[str], divide: bool = False) -> None:
     w = own_param(model, f"{layer.path}.weight", shared)
-    factor = ia3_axis(layer, vector).to(w.device)
+    factor = layer.weight_factor(vector).to(w.device)
     w.data.copy_((w.data.float() / factor if divide else w.data.float() * factor).to(w.dtype))
     bias = getattr(model.base.get_submodule(layer.path), "bias", None)
     if bias is not None and not layer.feedforward:
@@ -166,7 +159,9 @@ def weighted_adapter(model, adapters: list[str], weights: list[float], combinati
     for name in adapters:
         model.adapter_state.known(name)
     if any(model.peft_config[n].peft_type != "LORA" for n in adapters):
-        raise AdapterError("add_weighted_adapter combines LoRA adapters; these are IA3: merge them one at a time")
+        kinds = sorted({model.peft_config[n].peft_type for n in adapters} - {"LORA"})
+        raise AdapterError(f"add_weighted_adapter combines LoRA adapters; these are {', '.join(kinds)}: merge them "
+                           "one at a time")
     dora = [n for n in adapters if model.peft_config[n].use_dora]
     if dora:
         raise AdapterError(f"add_weighted_adapter: {dora} are DoRA adapters, whose change depends on the weight's norm "

@@ -138,11 +138,10 @@ class SurgeonModel(TransformersVerbs, DistributedHooks, nn.Module):
     def generate(self, *args, adapter_names=None, **kwargs):
         """transformers' ``generate``, every step in the injected decode graph; ``adapter_names``: one per row."""
         first = args[0] if args else kwargs.get("input_ids", kwargs.get("inputs_embeds"))
-        prompt = prompting.prompt_of(self)
-        if prompt is not None:
+        if prompting.prompt_of(self) is not None:
             if adapter_names is not None:
                 raise AdapterError("generate: adapter_names is for LoRA adapters, not prompt tuning")
-            return prompting.generate_with_prompt(self, prompt, *args, **kwargs)
+            return prompting.generate_with_prompt(self, *args, **kwargs)
         with self.adapter_state.rows(adapter_names, first, self.training, "generate"):
             return generate(self, *args, **kwargs)
 

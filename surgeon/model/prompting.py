@@ -78,7 +78,7 @@ def with_prompt(model, call: dict, labels):
     return call, labels
 
 
-def generate_with_prompt(model, prompt: torch.Tensor, input_ids=None, attention_mask=None, **kwargs):
+def generate_with_prompt(model, input_ids=None, attention_mask=None, **kwargs):
     """transformers' ``generate`` on the base with the prompt's embeddings in front (no graph: the base model is
     unchanged by prompt tuning); returns ``input_ids`` followed by the new tokens, as PEFT's does."""
     if input_ids is None:

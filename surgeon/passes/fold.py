@@ -22,7 +22,7 @@ from torch import fx, nn
 from surgeon.errors import FoldError
 from surgeon.graphs import copy_graph, fetch_attr, graphs_of, node_named, recompile_all, set_nested, subgraph
 from surgeon.layers import IA3Layer, LoraLayer, SavedTensor
-from surgeon.matching import SITE_OPS, branch_args
+from surgeon.matching import SITE_OPS, branch_args, site_bias
 from surgeon.names import FOLDED_ROOT, LORA_ROOT, folded_attr, folded_saved_attr, layer_attr, restored_attr
 from surgeon.passes.merge_kernel import Factors, factors_of, write_merged
 
@@ -106,13 +106,12 @@ def _fold_ia3_site(sub: fx.GraphModule, gpath: str, node: fx.Node) -> FoldedSite
     weight = fetch_attr(sub, w_node.target)
     vector = layer.scaling() if layer.enabled else None
     if vector is not None:
-        factor = vector.detach().float().reshape((-1, 1) if (layer.kind == "linear") != layer.feedforward else (1, -1))
+        factor = layer.weight_factor(vector.detach().float())
         attr = folded_attr(layer.path, site.name)
         set_nested(sub, attr, nn.Parameter((weight.detach().float() * factor).to(weight.dtype), requires_grad=False))
         with sub.graph.inserting_before(site):
             site.replace_input_with(w_node, sub.graph.get_attr(attr))
-        b_index = {"linear": 2, "conv1d": 0}[layer.kind]
-        bias = site.args[b_index] if len(site.args) > b_index and not layer.feedforward else None
+        bias = None if layer.feedforward else site_bias(site)  # an input scale leaves the bias alone
         if isinstance(bias, fx.Node):
             b = fetch_attr(sub, bias.target)
             battr = folded_attr(layer.path, site.name + "_bias")
