@@ -340,7 +340,7 @@ def test_continuous_batching_gives_each_request_its_tokens_alone(banks, name):
         assert r.tokens == alone[0, len(r.ids):].tolist(), (r.adapter, r.ids)
 
 
-def test_continuous_batching_refuses_by_name(banks, models, tmp_path):
+def test_continuous_batching_refuses_by_name(banks):
     from surgeon.onnx.batching import Batcher, Request
 
     batcher = Batcher(AdapterSession(banks("llama")))
@@ -350,6 +350,36 @@ def test_continuous_batching_refuses_by_name(banks, models, tmp_path):
         batcher.submit(Request([5] * 60, None, max_new_tokens=10))
     with pytest.raises(surgeon.errors.GenerationArgumentError, match="temperature"):
         batcher.submit(Request([5, 6], None, do_sample=True, temperature=-1.0))
-    plain = export_onnx(models("llama")[1], tmp_path / "plain", adapters=["default"], kv_cache=True)
-    with pytest.raises(AdapterError, match="--bank"):
-        Batcher(AdapterSession(plain))
+    with pytest.raises(surgeon.errors.GenerationArgumentError, match="max_batch"):
+        Batcher(AdapterSession(banks("llama")), max_batch=0)
+
+
+def test_continuous_batching_without_a_bank_runs_one_adapter_at_a_time(models, tmp_path):
+    """An export without a bank feeds one adapter to the whole batch: requests are admitted in arrival order while
+    they share the running adapter; the next adapter's wait for the batch to drain. Tokens still equal each request
+    alone, and a cancelled request leaves at the next token boundary, reported once."""
+    from surgeon.onnx.batching import Batcher, Request
+
+    session = AdapterSession(export_onnx(models("gpt2")[1], tmp_path / "plain", kv_cache=True))
+    seen = []
+    requests = [Request([5 + i, 9, 4 + i], adapter, max_new_tokens=4 + i, eos_token_id=[],
+                        on_token=lambda t, done, i=i: seen.append((i, t, done)))
+                for i, adapter in enumerate(["default", "default", None, "second", "second"])]
+    batcher = Batcher(session, max_batch=4)
+    for request in requests:
+        batcher.submit(request)
+    mixes = []
+    while batcher.waiting or batcher.rows:
+        batcher.step()
+        mixes.append({r.adapter for r in batcher.rows})
+    assert all(len(m) <= 1 for m in mixes) and {"default"} in mixes and {"second"} in mixes
+    for i, r in enumerate(requests):
+        alone = session.generate(np.array([r.ids]), adapter=r.adapter, max_new_tokens=r.max_new_tokens, eos_token_id=[])
+        assert r.tokens == alone[0, len(r.ids):].tolist(), r.adapter
+        assert [t for j, t, _ in seen if j == i] == r.tokens and [d for j, _, d in seen if j == i][-1]
+
+    stopped = Request([5, 6], "default", max_new_tokens=20, eos_token_id=[], on_token=lambda t, d: seen.append((t, d)))
+    batcher.submit(stopped)
+    batcher.step()
+    stopped.cancelled = True
+    assert batcher.step() == [stopped] and not batcher.rows and len(stopped.tokens) == 1 and seen[-1] == (None, True)

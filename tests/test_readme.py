@@ -58,10 +58,38 @@ def test_generation_examples_run_as_written(tmp_path, capsys):
         namespace = {"__name__": "__readme__"}
         for i, block in enumerate(blocks):
             exec(compile(block, f"README.md generation example {i}", "exec"), namespace)
+        printed = capsys.readouterr().out
+        assert "Day 12, noon. Wind" in printed and " | " in printed
+        serve_section_runs_as_written(capsys)
     finally:
         os.chdir(cwd)
+
+
+def serve_section_runs_as_written(capsys):
+    """"Serve many adapters over HTTP": its `surgeon serve runs/demo-onnx` (on a free port instead of 8000) answers
+    the section's openai client for each model, and stops with exit 0 on SIGTERM."""
+    import signal
+    import subprocess
+    import sys
+
+    section = README.read_text().split("## Serve many adapters over HTTP")[1].split("\n## ")[0]
+    command = re.findall(r"```bash\n(.*?)```", section, flags=re.S)[0].split("#")[0].split()
+    assert command == [".venv/bin/surgeon", "serve", "runs/demo-onnx"]
+    proc = subprocess.Popen([sys.executable, "-m", "surgeon", *command[1:], "--port", "0"], stderr=subprocess.PIPE,
+                            text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    try:
+        banner = proc.stderr.readline()
+        port = re.search(r"127\.0\.0\.1:(\d+)/v1", banner)
+        assert port, banner + proc.stderr.read()
+        block = next(b for b in python_blocks() if "from openai import OpenAI" in b)
+        exec(compile(block.replace("127.0.0.1:8000", f"127.0.0.1:{port.group(1)}"), "README.md serve", "exec"),
+             {"__name__": "__readme__"})
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 0 and "stopped (SIGTERM): 2 requests answered" in stderr, stderr
     printed = capsys.readouterr().out
-    assert "Day 12, noon. Wind" in printed and " | " in printed
+    assert "base: '" in printed and "demo-adapter: '" in printed, printed
 
 
 def test_serving_sections_run_as_written_in_the_clients_venvs(tmp_path):
@@ -120,7 +148,7 @@ def test_many_adapters_section_runs_as_written(tmp_path, capsys):
     from surgeon.cli import main
 
     text = README.read_text()
-    section = text[text.index("## Many adapters in one batch"):text.index("## Serve with onnxruntime-genai")]
+    section = text[text.index("## Many adapters in one batch"):text.index("## Serve many adapters over HTTP")]
     blocks = re.findall(r"```python\n(.*?)```", section, re.S)
     commands = [line for block in re.findall(r"```bash\n(.*?)```", section, re.S) for line in block.splitlines()
                 if line.strip()]

@@ -28,7 +28,7 @@ LOCK = ROOT / "requirements.lock"
 TORCH = "torch==2.13.0"  # the CPU build this machine's pip finds on disk; held in every environment
 
 # The quick parity subset (GPT-2 and Llama): generation, fold, ONNX export + check, QLoRA, PEFT files both ways
-# (LoRA, DoRA, IA3, prompt tuning),
+# (LoRA, DoRA, IA3, prompt tuning), the server against the openai client (starlette, uvicorn, prometheus-client),
 # the argument checks that caught the last drift, and the gate: check failing broken exports, one-line exit codes;
 # and what leans on internals: the quantized ops' ONNX translation (onnxscript), pass purity and the capture cache (fx).
 CANARY_TESTS = [
@@ -52,6 +52,7 @@ CANARY_TESTS = [
     "tests/test_dora.py::test_dora_files_both_ways",
     "tests/test_ia3.py::test_ia3_files_both_ways",
     "tests/test_prompt_tuning.py::test_prompt_tuning_files_both_ways",
+    "tests/test_serve.py::test_openai_client_gets_each_request_its_tokens_alone",
     "tests/test_reliability.py::test_an_altered_adapter_file_fails",
     "tests/test_reliability.py::test_check_command_broken_exports_exit_1_with_json",
     "tests/test_reliability.py::test_bad_numbers_are_one_line_exit_2",

@@ -1,20 +1,24 @@
-"""Continuous batching across adapters on an adapter-bank export (the engine ``surgeon serve`` is to run).
+"""Continuous batching across adapters (the engine ``surgeon serve`` runs).
 
 Requests join the running decode batch at token boundaries and leave when done. Each row runs its own adapter
-(the bank's ``adapter_ids``), its own sampling settings and random generator, and its own stop condition. A new
-request is prefilled alone, then joins: its KV cache and the running rows' are left-padded to one length, with the
-padding masked out, so one ONNX Runtime run serves every row's next token. A row's tokens are those of
-``AdapterSession.generate`` on that request alone: the same prefill, the same positions (counted over real
-tokens only), and the same draws from its generator.
+(an adapter-bank export's ``adapter_ids``), its own sampling settings and random generator, and its own stop
+condition. On an export without a bank the adapter is one input for the whole batch, so the batch holds one adapter
+at a time: requests are admitted in arrival order, and one for another adapter waits until the batch drains. A new
+request is prefilled (with the others that join at the same step, left-padded to one length), then joins: its KV
+cache and the running rows' are left-padded to one length, with the padding masked out, so one ONNX Runtime run
+serves every row's next token. A row's tokens are those of ``AdapterSession.generate`` on that request alone
+(tested): the same positions (counted over real tokens only), the same draws from its generator, and logits within
+float rounding of the lone run's (padding is masked, not computed into a real position).
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import numpy as np
 
-from surgeon.errors import AdapterError
+from surgeon.errors import AdapterError, GenerationArgumentError
 from surgeon.names import LOGITS, past_of_present
 from surgeon.onnx.decoding import check_prompt, empty_past, pick_tokens
 from surgeon.onnx.runtime import AdapterSession
@@ -24,7 +28,9 @@ from surgeon.sampling import check_sampling
 @dataclasses.dataclass
 class Request:
     """One generation: prompt token ids, the adapter (None: the base), and ``AdapterSession.generate``'s settings.
-    ``tokens`` fills with the new tokens as it runs; ``done`` when it stopped (end of sequence or the limit)."""
+    ``tokens`` fills with the new tokens as it runs; ``done`` when it stopped (end of sequence or the limit).
+    ``on_token(token, done)`` is called with each new token (on the thread that steps the batcher); setting
+    ``cancelled`` drops the request at the next token boundary (then ``on_token(None, True)``, once)."""
 
     ids: list[int]
     adapter: str | None = None
@@ -35,8 +41,11 @@ class Request:
     top_p: float = 1.0
     seed: int | None = None
     eos_token_id: list[int] | None = None
+    on_token: Callable[[int | None, bool], None] | None = None
     tokens: list[int] = dataclasses.field(default_factory=list)
     done: bool = False
+    cancelled: bool = False
+    error: str | None = None
 
     def sampling(self) -> dict:
         return {"do_sample": self.do_sample, "temperature": self.temperature, "top_k": self.top_k, "top_p": self.top_p}
@@ -50,10 +59,10 @@ class Batcher:
     runs one decode step for the rows already running; finished rows leave at once."""
 
     def __init__(self, session: AdapterSession, max_batch: int = 8):
-        if session.bank is None:
-            raise AdapterError(f"{session.dir}: continuous batching across adapters needs an adapter-bank export; "
-                               "re-export with `surgeon export MODEL ADAPTER_DIR... -o OUT --bank --kv-cache`")
+        if not isinstance(max_batch, int) or isinstance(max_batch, bool) or max_batch < 1:
+            raise GenerationArgumentError(f"Batcher: max_batch={max_batch!r}: give an integer >= 1")
         self.session, self.max_batch = session, max_batch
+        self.banked = session.bank is not None
         self.facts = session.generation  # also refuses an export without a KV cache, by name
         self.waiting: list[Request] = []
         self.rows: list[Request] = []
@@ -62,20 +71,40 @@ class Batcher:
         self.mask = np.zeros((0, 0), np.int64)
         self.presents = past_of_present(self.facts["layers"])
 
-    def submit(self, request: Request) -> Request:
+    def check(self, request: Request) -> None:
+        """The errors ``submit`` would raise for ``request``, by name (reads the export only: safe on any thread)."""
         check_sampling({**request.sampling(), "max_new_tokens": request.max_new_tokens}, "Batcher.submit")
         check_prompt(np.array([request.ids]), None, self.facts, request.max_new_tokens)
-        self.session.slots([request.adapter], 1)  # an adapter the bank does not hold fails here, by name
+        if request.adapter in self.session.prompt_tokens:
+            raise AdapterError(f"adapter {request.adapter!r} is prompt tuning, which the batcher does not run; "
+                               "generate with it through AdapterSession.generate")
+        if self.banked:
+            self.session.slots([request.adapter], 1)  # an adapter the bank does not hold fails here, by name
+        elif request.adapter is not None:
+            self.session.adapter(request.adapter)  # loaded and checked; an unknown name fails here
+
+    def submit(self, request: Request) -> Request:
+        self.check(request)
         self.waiting.append(request)
         return request
 
     def step(self) -> list[Request]:
-        """Admit what fits, decode one token for the rows that were running; returns the requests that finished."""
+        """Admit what fits, decode one token for the rows that were running; returns the requests that finished
+        (cancelled ones included)."""
         if self.rows:
             self._decode()
         finished = self._leave()
-        while self.waiting and len(self.rows) < self.max_batch:
-            self._admit(self.waiting.pop(0))
+        joining: list[Request] = []
+        while self.waiting and len(self.rows) + len(joining) < self.max_batch:
+            head, batch = self.waiting[0], self.rows or joining
+            if head.cancelled:
+                finished.append(self._cancel(self.waiting.pop(0)))
+            elif self.banked or not batch or head.adapter == batch[0].adapter:
+                joining.append(self.waiting.pop(0))
+            else:
+                break  # another adapter, on an export without a bank: it goes first once the batch drains
+        if joining:
+            self._admit(joining)
         return finished + self._leave()  # a request can end at its prefill (max_new_tokens 1, or end of sequence)
 
     def run(self) -> None:
@@ -84,45 +113,83 @@ class Batcher:
             self.step()
 
     # ---- the batch -----------------------------------------------------------------------------------------------
-    def _admit(self, request: Request) -> None:
-        ids = np.array([request.ids], np.int64)
-        mask = np.ones_like(ids)
-        feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": np.cumsum(mask, axis=1) - 1,
-                 **empty_past(self.facts, 1)}
-        out = self.session.run(feeds, adapters=[request.adapter])
-        rng = np.random.default_rng(request.seed)
-        self._take(request, rng, out[LOGITS][:, -1, :])
+    def _admit(self, requests: list[Request]) -> None:
+        """Prefill the joining requests in one run (left-padded to the longest prompt, the padding masked out),
+        take each one's first token, and append their rows."""
+        length = max(len(r.ids) for r in requests)
+        ids = np.zeros((len(requests), length), np.int64)
+        mask = np.zeros_like(ids)
+        for i, request in enumerate(requests):
+            ids[i, length - len(request.ids):] = request.ids
+            mask[i, length - len(request.ids):] = 1
+        feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": np.maximum(np.cumsum(mask, axis=1) - 1, 0),
+                 **empty_past(self.facts, len(requests))}
+        out = self._run(feeds, [r.adapter for r in requests])
+        rngs = [np.random.default_rng(r.seed) for r in requests]
+        for i, (request, rng) in enumerate(zip(requests, rngs)):
+            self._take(request, rng, out[LOGITS][i:i + 1, -1, :])
         past = {self.presents[k]: v for k, v in out.items() if k in self.presents}
-        self._join(request, rng, past, mask)
+        self._join(requests, rngs, past, mask)
 
     def _decode(self) -> None:
         last = np.array([[r.tokens[-1]] for r in self.rows], np.int64)
         mask = np.concatenate([self.mask, np.ones((len(self.rows), 1), np.int64)], axis=1)
         feeds = {"input_ids": last, "attention_mask": mask, "position_ids": np.cumsum(mask, axis=1)[:, -1:] - 1,
                  **self.past}
-        out = self.session.run(feeds, adapters=[r.adapter for r in self.rows])
+        out = self._run(feeds, [r.adapter for r in self.rows])
         for i, (request, rng) in enumerate(zip(self.rows, self.rngs)):
             self._take(request, rng, out[LOGITS][i:i + 1, -1, :])
         self.past = {self.presents[k]: v for k, v in out.items() if k in self.presents}
         self.mask = mask
 
+    def _run(self, feeds: dict[str, np.ndarray], adapters: list[str | None]) -> dict[str, np.ndarray]:
+        if self.banked:
+            return self.session.run(feeds, adapters=adapters)
+        return self.session.run(feeds, adapters[0])  # one adapter in the batch (step admits only that one)
+
     def _take(self, request: Request, rng: np.random.Generator, logits: np.ndarray) -> None:
+        if request.cancelled:
+            self._cancel(request)
+            return
         token = int(pick_tokens(logits.astype(np.float32), rng, **request.sampling())[0])
         request.tokens.append(token)
         eos = set(self.facts.get("eos_token_id") or []) if request.eos_token_id is None else set(request.eos_token_id)
         request.done = token in eos or len(request.tokens) >= request.max_new_tokens
+        if request.on_token is not None:
+            request.on_token(token, request.done)
 
-    def _join(self, request: Request, rng, past: dict[str, np.ndarray], mask: np.ndarray) -> None:
-        """Append one row: every cache and the mask left-padded to the longer length (padding masked out)."""
-        length = max(self.mask.shape[1], mask.shape[1])
-        self.past = {k: np.concatenate([_left_pad(self.past[k], length, 2), _left_pad(v, length, 2)])
-                     if self.rows else v for k, v in past.items()}
-        self.mask = np.concatenate([_left_pad(self.mask, length, 1), _left_pad(mask, length, 1)]) if self.rows \
-            else mask
-        self.rows.append(request)
-        self.rngs.append(rng)
+    def _cancel(self, request: Request) -> Request:
+        request.done = True
+        if request.on_token is not None:
+            request.on_token(None, True)
+        return request
+
+    def _join(self, requests: list[Request], rngs: list, past: dict[str, np.ndarray], mask: np.ndarray) -> None:
+        """Append rows: every cache and the mask left-padded to the longer length (padding masked out)."""
+        if self.rows:
+            length = max(self.mask.shape[1], mask.shape[1])
+            past = {k: np.concatenate([_left_pad(self.past[k], length, 2), _left_pad(v, length, 2)])
+                    for k, v in past.items()}
+            mask = np.concatenate([_left_pad(self.mask, length, 1), _left_pad(mask, length, 1)])
+        self.past, self.mask = past, mask
+        self.rows += requests
+        self.rngs += rngs
+
+    def abort(self, message: str) -> list[Request]:
+        """End every request in the batcher now, each with ``error`` set (a run failed, or the server stops)."""
+        ended = self.rows + self.waiting
+        self.waiting = []
+        self._drop([])
+        for request in ended:
+            if not request.done:
+                request.error = message
+                self._cancel(request)
+        return ended
 
     def _leave(self) -> list[Request]:
+        for request in self.rows:
+            if request.cancelled and not request.done:
+                self._cancel(request)
         finished = [r for r in self.rows if r.done]
         if finished:
             self._drop([i for i, r in enumerate(self.rows) if not r.done])
