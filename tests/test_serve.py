@@ -216,3 +216,33 @@ def test_cli_refusals_are_one_line_exit_2(export, server, tmp_path):
                         (["serve", str(export), "--api-key", ""], "--api-key")):
         result = run_cli(*args)
         assert result.returncode == 2 and words in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_the_listening_socket_gives_connections_tcp_nodelay():
+    """Without TCP_NODELAY each keep-alive response waited ~40 ms for the client's delayed ACK (Nagle between the
+    headers and the body): asyncio sets it only on sockets made with proto IPPROTO_TCP."""
+    import asyncio
+    import socket
+
+    from surgeon.cli.serve import _listen
+
+    async def accepted_nodelay() -> int:
+        found = asyncio.get_running_loop().create_future()
+
+        def protocol():
+            class Probe(asyncio.Protocol):
+                def connection_made(self, transport):
+                    sock = transport.get_extra_info("socket")
+                    found.set_result(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+                    transport.close()
+            return Probe()
+
+        server = await asyncio.get_running_loop().create_server(protocol, sock=_listen("127.0.0.1", 0))
+        port = server.sockets[0].getsockname()[1]
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+        value = await asyncio.wait_for(found, 10)
+        writer.close()
+        server.close()
+        return value
+
+    assert asyncio.run(accepted_nodelay()) != 0

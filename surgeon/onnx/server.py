@@ -158,22 +158,25 @@ class Server:
             finished = False
             try:
                 while True:
-                    token, done = await queue.get()
-                    if token is None:  # cancelled, or the engine failed / stopped
-                        raise _Ended(job.request.error or "cancelled")
-                    if len(job.request.tokens) == 1:
-                        self.metrics.first.observe(time.perf_counter() - start)
-                    piece = text.add(token)
-                    job.used = len(text.ids)
-                    if text.stopped or done:
-                        job.request.cancelled = not done  # a stop string ends the row early
-                        finished = True
-                        reason = "stop" if text.stopped or len(job.request.tokens) < job.request.max_new_tokens \
-                            else "length"
-                        yield piece + text.end(), reason
-                        self.metrics.latency.observe(time.perf_counter() - start)
-                        self.metrics.answer(job.model, 200)
-                        return
+                    arrived = [await queue.get()]
+                    while not queue.empty():  # tokens that queued meanwhile go out as one event (less work per token)
+                        arrived.append(queue.get_nowait())
+                    piece = ""
+                    for token, done in arrived:
+                        if token is None:  # cancelled, or the engine failed / stopped
+                            raise _Ended(job.request.error or "cancelled")
+                        piece += text.add(token)
+                        job.used = len(text.ids)
+                        if job.used == 1:
+                            self.metrics.first.observe(time.perf_counter() - start)
+                        if text.stopped or done:
+                            job.request.cancelled = not done  # a stop string ends the row early
+                            finished = True
+                            reason = "stop" if text.stopped or job.used < job.request.max_new_tokens else "length"
+                            yield piece + text.end(), reason
+                            self.metrics.latency.observe(time.perf_counter() - start)
+                            self.metrics.answer(job.model, 200)
+                            return
                     if piece:
                         yield piece, None
             finally:
