@@ -58,6 +58,8 @@ class Batcher:
     queues it; each ``step`` admits queued requests while there is room (their prefill gives their first token) and
     runs one decode step for the rows already running; finished rows leave at once."""
 
+    trim = 16  # leading cache columns no running row uses, dropped once there are this many
+
     def __init__(self, session: AdapterSession, max_batch: int = 8):
         if not isinstance(max_batch, int) or isinstance(max_batch, bool) or max_batch < 1:
             raise GenerationArgumentError(f"Batcher: max_batch={max_batch!r}: give an integer >= 1")
@@ -65,11 +67,16 @@ class Batcher:
         self.banked = session.bank is not None
         self.facts = session.generation  # also refuses an export without a KV cache, by name
         self.waiting: list[Request] = []
-        self.rows: list[Request] = []
-        self.rngs: list[np.random.Generator] = []
+        self.slots: list[Request | None] = []  # the batch's rows; None: a free row, reused by the next to join
+        self.rngs: list[np.random.Generator | None] = []
         self.past: dict[str, np.ndarray] = {}
         self.mask = np.zeros((0, 0), np.int64)
         self.presents = past_of_present(self.facts["layers"])
+
+    @property
+    def rows(self) -> list[Request]:
+        """The requests running now."""
+        return [r for r in self.slots if r is not None]
 
     def check(self, request: Request) -> None:
         """The errors ``submit`` would raise for ``request``, by name (reads the export only: safe on any thread)."""
@@ -95,8 +102,9 @@ class Batcher:
             self._decode()
         finished = self._leave()
         joining: list[Request] = []
-        while self.waiting and len(self.rows) + len(joining) < self.max_batch:
-            head, batch = self.waiting[0], self.rows or joining
+        running = self.rows
+        while self.waiting and len(running) + len(joining) < self.max_batch:
+            head, batch = self.waiting[0], running or joining
             if head.cancelled:
                 finished.append(self._cancel(self.waiting.pop(0)))
             elif self.banked or not batch or head.adapter == batch[0].adapter:
@@ -113,9 +121,13 @@ class Batcher:
             self.step()
 
     # ---- the batch -----------------------------------------------------------------------------------------------
+    # Copying the whole cache is what a join or a leave would cost; most of them copy one row instead. A row that
+    # leaves becomes free (it still runs, masked, its output unread) until a joining request is written into it,
+    # left-padded to the batch's length; the cache is compacted only when as many rows are free as busy, and its
+    # leading columns go once no running row uses them.
     def _admit(self, requests: list[Request]) -> None:
         """Prefill the joining requests in one run (left-padded to the longest prompt, the padding masked out),
-        take each one's first token, and append their rows."""
+        take each one's first token, and put them into free rows (or new ones)."""
         length = max(len(r.ids) for r in requests)
         ids = np.zeros((len(requests), length), np.int64)
         mask = np.zeros_like(ids)
@@ -129,16 +141,38 @@ class Batcher:
         for i, (request, rng) in enumerate(zip(requests, rngs)):
             self._take(request, rng, out[LOGITS][i:i + 1, -1, :])
         past = {self.presents[k]: v for k, v in out.items() if k in self.presents}
-        self._join(requests, rngs, past, mask)
+        if not self.rows:
+            self.slots, self.rngs, self.past, self.mask = list(requests), rngs, past, mask
+            return
+        width = max(self.mask.shape[1], length)
+        if width > self.mask.shape[1]:  # a prompt longer than the running rows' cache: every row is padded
+            self.past = {k: _left_pad(v, width, 2) for k, v in self.past.items()}
+            self.mask = _left_pad(self.mask, width, 1)
+        free = [i for i, r in enumerate(self.slots) if r is None]
+        for i, slot in enumerate(free[:len(requests)]):
+            for k, v in self.past.items():
+                v[slot] = 0
+                v[slot, :, width - length:] = past[k][i]
+            self.mask[slot] = 0
+            self.mask[slot, width - length:] = mask[i]
+            self.slots[slot], self.rngs[slot] = requests[i], rngs[i]
+        extra = len(free)
+        if extra < len(requests):
+            self.past = {k: np.concatenate([v, _left_pad(past[k][extra:], width, 2)]) for k, v in self.past.items()}
+            self.mask = np.concatenate([self.mask, _left_pad(mask[extra:], width, 1)])
+            self.slots += requests[extra:]
+            self.rngs += rngs[extra:]
 
     def _decode(self) -> None:
-        last = np.array([[r.tokens[-1]] for r in self.rows], np.int64)
-        mask = np.concatenate([self.mask, np.ones((len(self.rows), 1), np.int64)], axis=1)
+        last = np.array([[r.tokens[-1] if r is not None else 0] for r in self.slots], np.int64)
+        mask = np.concatenate([self.mask, np.ones((len(self.slots), 1), np.int64)], axis=1)
         feeds = {"input_ids": last, "attention_mask": mask, "position_ids": np.cumsum(mask, axis=1)[:, -1:] - 1,
                  **self.past}
-        out = self._run(feeds, [r.adapter for r in self.rows])
-        for i, (request, rng) in enumerate(zip(self.rows, self.rngs)):
-            self._take(request, rng, out[LOGITS][i:i + 1, -1, :])
+        live = self.rows
+        out = self._run(feeds, [r.adapter if r is not None else live[0].adapter for r in self.slots])
+        for i, (request, rng) in enumerate(zip(self.slots, self.rngs)):
+            if request is not None:
+                self._take(request, rng, out[LOGITS][i:i + 1, -1, :])
         self.past = {self.presents[k]: v for k, v in out.items() if k in self.presents}
         self.mask = mask
 
@@ -164,17 +198,6 @@ class Batcher:
             request.on_token(None, True)
         return request
 
-    def _join(self, requests: list[Request], rngs: list, past: dict[str, np.ndarray], mask: np.ndarray) -> None:
-        """Append rows: every cache and the mask left-padded to the longer length (padding masked out)."""
-        if self.rows:
-            length = max(self.mask.shape[1], mask.shape[1])
-            past = {k: np.concatenate([_left_pad(self.past[k], length, 2), _left_pad(v, length, 2)])
-                    for k, v in past.items()}
-            mask = np.concatenate([_left_pad(self.mask, length, 1), _left_pad(mask, length, 1)])
-        self.past, self.mask = past, mask
-        self.rows += requests
-        self.rngs += rngs
-
     def abort(self, message: str) -> list[Request]:
         """End every request in the batcher now, each with ``error`` set (a run failed, or the server stops)."""
         ended = self.rows + self.waiting
@@ -191,16 +214,25 @@ class Batcher:
             if request.cancelled and not request.done:
                 self._cancel(request)
         finished = [r for r in self.rows if r.done]
-        if finished:
-            self._drop([i for i, r in enumerate(self.rows) if not r.done])
+        for i, request in enumerate(self.slots):
+            if request is not None and request.done:
+                self.slots[i] = self.rngs[i] = None
+        busy = [i for i, r in enumerate(self.slots) if r is not None]
+        if not busy or (len(self.slots) - len(busy) >= len(busy) and not self.waiting):
+            self._drop(busy)  # no one to fill the free rows soon: copy the busy ones out
+        elif finished:
+            start = int(np.argmax(self.mask[busy].any(axis=0)))
+            if start >= self.trim:  # columns no running row uses: gone (a view; free rows are rewritten when used)
+                self.mask = self.mask[:, start:]
+                self.past = {k: v[:, :, start:] for k, v in self.past.items()}
         return finished
 
     def _drop(self, keep: list[int]) -> None:
         """Keep rows ``keep``; cache columns no remaining row uses go too."""
-        self.rows = [self.rows[i] for i in keep]
+        self.slots = [self.slots[i] for i in keep]
         self.rngs = [self.rngs[i] for i in keep]
         if not keep:
-            self.past, self.mask = {}, np.zeros((0, 0), np.int64)
+            self.slots, self.rngs, self.past, self.mask = [], [], {}, np.zeros((0, 0), np.int64)
             return
         mask = self.mask[keep]
         start = int(np.argmax(mask.any(axis=0)))

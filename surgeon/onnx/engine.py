@@ -9,6 +9,7 @@ Runtime only: no torch.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -45,10 +46,11 @@ class Engine:
     """``Batcher`` stepping on its own thread while there is work; ``submit`` and ``stop`` from any thread.
 
     At most ``max_batch`` rows run and ``max_queue`` more wait; a request beyond that is refused
-    (``QueueFullError``). ``on_step(rows)`` is called after each decode step with the batch's row count."""
+    (``QueueFullError``). ``on_step(rows, seconds)`` is called after each step with the rows it decoded (0: a
+    prefill only) and the time it took."""
 
     def __init__(self, session: AdapterSession, *, max_batch: int = 8, max_queue: int = 64,
-                 on_step: Callable[[int], None] | None = None):
+                 on_step: Callable[[int, float], None] | None = None):
         self.batcher = Batcher(session, max_batch)
         self.max_queue, self.on_step = max_queue, on_step
         self._inbox: list[Request] = []
@@ -104,14 +106,14 @@ class Engine:
                 if self._stopping:
                     batcher.abort("the server stopped before the request finished")
                     return
-            decoding = len(batcher.rows)
+            decoding, start = len(batcher.rows), time.perf_counter()
             try:
                 batcher.step()
             except Exception as err:  # ONNX Runtime's own errors: every request in flight fails, the server stays up
                 batcher.abort(f"the model run failed: {type(err).__name__}: {err}")
                 continue
-            if decoding and self.on_step is not None:
-                self.on_step(decoding)
+            if self.on_step is not None:
+                self.on_step(decoding, time.perf_counter() - start)
 
 
 class Text:

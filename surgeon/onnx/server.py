@@ -45,6 +45,8 @@ class Metrics:
                                  "went away, or shutdown)", registry=registry)
         self.batch = Histogram("surgeon_batch_rows", "Rows in each decode step", registry=registry,
                                buckets=(1, 2, 4, 8, 16, 32, 64, 128))
+        self.busy = Counter("surgeon_engine_busy_seconds", "Time the batcher spent in prefill and decode steps",
+                            registry=registry)
         self.latency = Histogram("surgeon_request_seconds", "Time from a request's arrival to its last token",
                                  registry=registry, buckets=LATENCY_BUCKETS)
         self.first = Histogram("surgeon_time_to_first_token_seconds", "Time from a request's arrival to its first "
@@ -54,6 +56,11 @@ class Metrics:
             lambda: engine.waiting)
         Gauge("surgeon_running_rows", "Requests in the decode batch", registry=registry).set_function(
             lambda: engine.running)
+
+    def step(self, rows: int, seconds: float) -> None:
+        if rows:
+            self.batch.observe(rows)
+        self.busy.inc(seconds)
 
     def answer(self, model: str, status: int) -> None:
         self.requests.labels(model, str(status)).inc()
@@ -74,7 +81,7 @@ class Server:
         self.tokenizer = load_tokenizer(self.dir)
         self.engine = Engine(self.session, max_batch=max_batch, max_queue=max_queue)
         self.metrics = Metrics(self.engine)
-        self.engine.on_step = self.metrics.batch.observe
+        self.engine.on_step = self.metrics.step
         self.api_key = api_key
         bank = self.session.bank
         adapters = [s for s in bank["slots"] if s is not None] if bank else \

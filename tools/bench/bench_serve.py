@@ -10,7 +10,8 @@ against ``AdapterSession.generate`` on that request alone (same tokens, so the s
 
 Reported per level: throughput (generated tokens/s over the level's wall time), p50/p99 latency and time to first
 token (all requests, and after the opening wave: each client's requests but its first, which all arrive at
-once), errors, mismatches. The 1-client level is the same kind of requests sent one at a time; "per-adapter servers"
+once), the share of the level's time the batcher was busy and its mean rows per decode step (from the server's
+/metrics), errors, mismatches. Each level sends 4 requests per client (2 at 64 clients). The 1-client level is the same kind of requests sent one at a time; "per-adapter servers"
 sends the 16-client load to four servers of the switchable export (one per adapter, ``--threads`` split between
 them). Goals at 16 clients: >= 3x the one-at-a-time throughput; p99 time to first token under 2x a lone request's
 prefill plus one decode step at the batch size (both measured on the export with ONNX Runtime alone); 0 errors,
@@ -149,6 +150,17 @@ def step_time(timing: dict, batch: int, cache: int) -> float:
     return h.median([h.timed(lambda: session.run(feeds, adapters=rows))[1] for _ in range(5)])
 
 
+def engine_counters(url: str) -> dict[str, float]:
+    """The server's busy seconds and decode-step rows so far (from its /metrics)."""
+    import urllib.request
+
+    with urllib.request.urlopen(url.removesuffix("/v1") + "/metrics", timeout=60) as answer:
+        text = answer.read().decode()
+    values = {line.split()[0]: float(line.split()[1]) for line in text.splitlines() if line and line[0] != "#"}
+    return {"busy": values.get("surgeon_engine_busy_seconds_total", 0.0),
+            "rows": values.get("surgeon_batch_rows_sum", 0.0), "steps": values.get("surgeon_batch_rows_count", 0.0)}
+
+
 class Served:
     def __init__(self, export: Path, *args: str):
         self.proc = subprocess.Popen([sys.executable, "-m", "surgeon", "serve", str(export), "--port", "0", *args],
@@ -228,10 +240,15 @@ def bench_model(args, name: str, work: Path) -> dict:
                     str(args.threads))
     try:
         for clients in args.clients:
-            count = max(3 * clients if clients <= 16 else 2 * clients, len(requests) // 2)
+            count = max(4 * clients if clients <= 16 else 2 * clients, len(requests) // 2)
+            before = engine_counters(server.url)
             result = asyncio.run(load(dict.fromkeys(ADAPTERS, server.url), requests, texts, clients, count))
+            after = engine_counters(server.url)
+            result["busy"] = (after["busy"] - before["busy"]) / result["wall_s"]
+            result["rows"] = (after["rows"] - before["rows"]) / max(after["steps"] - before["steps"], 1)
             h.progress(f"[{name} {clients} clients] {result['tok_s']:.1f} tok/s, ttft p99 {result['ttft_p99_s']:.3f} s,"
-                       f" errors {result['errors']}, mismatches {result['mismatches']}")
+                       f" errors {result['errors']}, mismatches {result['mismatches']}; engine busy "
+                       f"{result['busy']:.0%}, {result['rows']:.1f} rows per decode step")
             rows.append({"setup": "one server, bank", **result})
     finally:
         server.stop()
@@ -240,7 +257,7 @@ def bench_model(args, name: str, work: Path) -> dict:
                       str(per)) for _ in ADAPTERS]
     try:
         clients = 16 if 16 in args.clients else max(args.clients)
-        count = 3 * clients if clients <= 16 else 2 * clients
+        count = 4 * clients if clients <= 16 else 2 * clients
         result = asyncio.run(load({a: s.url for a, s in zip(ADAPTERS, servers)}, requests, texts, clients, count))
         rows.append({"setup": f"4 servers, one per adapter ({per} thread each)", **result})
     finally:
@@ -257,13 +274,13 @@ def report(result: dict, max_batch: int) -> None:
           f"decode step at {max_batch} rows {result['step_s'] * 1000:.1f} ms; control: AdapterSession.generate in "
           f"batches of 8 differs from alone on {result['control']}")
     print("| setup | clients | requests | tok/s | vs one at a time | latency p50 / p99 | first token p50 / p99 | "
-          "first token p99 after the opening wave | errors | mismatches |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "first token p99 after the opening wave | engine busy, rows per step | errors | mismatches |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         ratio = f"{r['tok_s'] / alone['tok_s']:.2f}x" if alone else "-"
         print(f"| {r['setup']} | {r['clients']} | {r['requests']} | {r['tok_s']:.1f} | {ratio} | {r['p50_s']:.2f} / "
               f"{r['p99_s']:.2f} s | {r['ttft_p50_s'] * 1000:.0f} / {r['ttft_p99_s'] * 1000:.0f} ms | "
-              f"{r['ttft_p99_later_s'] * 1000:.0f} ms | {r['errors']} | "
+              f"{r['ttft_p99_later_s'] * 1000:.0f} ms | {_engine(r)} | {r['errors']} | "
               f"{r['mismatches']} |")
         for message in r["messages"]:
             print(f"  error: {message}")
@@ -279,6 +296,10 @@ def report(result: dict, max_batch: int) -> None:
     if at64:
         print(f"goal: 0 errors, 0 mismatches at 64 clients: {at64['errors']} / {at64['mismatches']} "
               f"({'met' if at64['errors'] == at64['mismatches'] == 0 else 'MISSED'})")
+
+
+def _engine(row: dict) -> str:
+    return f"{row['busy']:.0%}, {row['rows']:.1f}" if "busy" in row else "-"
 
 
 def main() -> int:
