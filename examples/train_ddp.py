@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 import surgeon
 from surgeon.bundled import DEFAULT_DATA
 from surgeon.hub import load_tokenizer
-from surgeon.workflows.processes import settle_and_destroy
+from surgeon.workflows.processes import settle_and_destroy, settle_and_exit
 from surgeon.workflows.train import token_blocks
 
 
@@ -55,8 +55,8 @@ def main() -> None:
             use_cpu=not torch.cuda.is_available()))
         trainer.train()
         model.save_pretrained(args.out, is_main_process=trainer.is_world_process_zero())
-        if dist.is_initialized():  # Trainer leaves the group up; a gloo group alive at exit can abort the process
-            settle_and_destroy()
+        if dist.is_initialized():  # Trainer leaves the group up: end past teardown (settle_and_exit says why)
+            settle_and_exit()
         return
     if world > 1:
         dist.init_process_group("gloo")

@@ -23,7 +23,7 @@ from torch.nn.parallel import DistributedDataParallel
 sys.path.insert(0, str(Path(__file__).parent))
 
 import surgeon  # noqa: E402
-from surgeon.workflows.processes import settle_and_destroy  # noqa: E402
+from surgeon.workflows.processes import settle_and_destroy, settle_and_exit  # noqa: E402
 from conftest import batch, make_base  # noqa: E402
 
 STEPS, ROWS = 10, 4
@@ -64,8 +64,8 @@ def with_trainer(out: Path) -> None:
         "losses": [e["loss"] for e in trainer.state.log_history if "loss" in e], "synced": synced if world > 1 else None,
         "trainable": sorted(n for n, p in model.named_parameters() if p.requires_grad),
         "wrapper": type(wrapped).__name__, "base_params": sum(1 for _ in model.base.parameters())}))
-    if dist.is_initialized():  # Trainer leaves the group up; a gloo group alive at exit can abort the process
-        settle_and_destroy()
+    if dist.is_initialized():  # Trainer leaves the group up: end past teardown (settle_and_exit says why)
+        settle_and_exit()
 
 
 def main(out: Path) -> None:
