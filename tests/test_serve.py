@@ -82,6 +82,12 @@ def server(export):
     served.stop()
 
 
+@pytest.fixture(scope="module")
+def local(export):
+    """(AdapterSession, tokenizer) on the same export, for the answers alone."""
+    return AdapterSession(export), load_tokenizer(export)
+
+
 def alone(session, tokenizer, prompt: str, model: str, n: int, **sampling) -> str:
     """What AdapterSession.generate gives the request by itself, as text."""
     ids = np.array([tokenizer.encode(prompt).ids])
@@ -89,8 +95,8 @@ def alone(session, tokenizer, prompt: str, model: str, n: int, **sampling) -> st
     return tokenizer.decode(out[0, ids.shape[1]:].tolist(), skip_special_tokens=True)
 
 
-def test_openai_client_gets_each_request_its_tokens_alone(server, export):
-    session, tokenizer = AdapterSession(export), load_tokenizer(export)
+def test_openai_client_gets_each_request_its_tokens_alone(server, local):
+    session, tokenizer = local
     client = server.client()
     assert [m.id for m in client.models.list()] == ["base", "alpha", "beta"]
     prompts = ["Day 12, noon. Wind", "The harbour", "Log: calm"]
@@ -133,8 +139,8 @@ def test_openai_client_gets_each_request_its_tokens_alone(server, export):
     assert json.loads(server.get("/health")[1])["status"] == "ok"
 
 
-def test_stop_strings_end_the_text_before_them(server, export):
-    session, tokenizer = AdapterSession(export), load_tokenizer(export)
+def test_stop_strings_end_the_text_before_them(server, local):
+    session, tokenizer = local
     full = alone(session, tokenizer, "Day 12", "alpha", 20)
     stop = full[len(full) // 2:len(full) // 2 + 2]
     client = server.client()
@@ -194,7 +200,7 @@ def test_a_full_server_answers_429_and_a_gone_client_frees_its_row(guarded):
     assert client.completions.create(model="alpha", prompt="x", max_tokens=2).usage.completion_tokens == 2
 
 
-def test_sigterm_finishes_in_flight_requests_then_exits_0(export):
+def test_sigterm_finishes_in_flight_requests_then_exits_0(export, local):
     served = Served(export, "--shutdown-timeout", "30")
     stream = served.client().completions.create(model="alpha", prompt="Day", max_tokens=60, temperature=0, stream=True,
                                                 extra_body={"ignore_eos": True})
@@ -206,7 +212,7 @@ def test_sigterm_finishes_in_flight_requests_then_exits_0(export):
     text = first.choices[0].text + "".join(c.choices[0].text for c in rest)
     code, stderr = served.stop()
     assert code == 0 and "stopped (SIGTERM): 1 requests answered, 0 cancelled" in stderr, stderr
-    session, tokenizer = AdapterSession(export), load_tokenizer(export)
+    session, tokenizer = local
     assert text == alone(session, tokenizer, "Day", "alpha", 60, eos_token_id=[])
 
 

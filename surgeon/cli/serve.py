@@ -84,5 +84,6 @@ def serve(export_dir, host, port, max_batch, max_queue, threads, api_key, shutdo
             signal.signal(sig, handler)
         sock.close()
     why = f" ({signal.Signals(stopped[0]).name})" if stopped else ""
-    click.echo(f"surgeon: stopped{why}: {server.metrics.answered} requests answered, {server.metrics.dropped} "
-               "cancelled", err=True)
+    metrics = server.metrics
+    click.echo(f"surgeon: stopped{why}: {metrics.total(metrics.requests, status='200')} requests answered, "
+               f"{metrics.total(metrics.cancelled)} cancelled", err=True)

@@ -16,10 +16,9 @@ from pathlib import Path
 from tokenizers import Tokenizer
 
 from surgeon.errors import AdapterFileError, SurgeonError
+from surgeon.names import TOKENIZER_JSON
 from surgeon.onnx.batching import Batcher, Request
 from surgeon.onnx.runtime import AdapterSession
-
-TOKENIZER_JSON = "tokenizer.json"
 
 
 class QueueFullError(SurgeonError, RuntimeError):

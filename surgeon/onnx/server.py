@@ -51,7 +51,6 @@ class Metrics:
                                  registry=registry, buckets=LATENCY_BUCKETS)
         self.first = Histogram("surgeon_time_to_first_token_seconds", "Time from a request's arrival to its first "
                                "token", registry=registry, buckets=LATENCY_BUCKETS)
-        self.answered = self.dropped = 0  # for the summary line at shutdown
         Gauge("surgeon_queue_depth", "Requests waiting to join the batch", registry=registry).set_function(
             lambda: engine.waiting)
         Gauge("surgeon_running_rows", "Requests in the decode batch", registry=registry).set_function(
@@ -64,11 +63,14 @@ class Metrics:
 
     def answer(self, model: str, status: int) -> None:
         self.requests.labels(model, str(status)).inc()
-        self.answered += status == 200
 
     def cancel(self) -> None:
         self.cancelled.inc()
-        self.dropped += 1
+
+    def total(self, counter: Counter, **labels: str) -> int:
+        """``counter``'s count over every label set matching ``labels`` (the summary line at shutdown)."""
+        return int(sum(sample.value for metric in counter.collect() for sample in metric.samples
+                       if sample.name.endswith("_total") and labels.items() <= sample.labels.items()))
 
 
 class Server:
